@@ -1,0 +1,169 @@
+"""`ocr-finetune` command line: the same library calls the DVC stages make."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .params import ParamsError, load_params
+
+
+def _params(args):
+    params = load_params(args.params)
+    for override in getattr(args, "set", None) or []:
+        params = apply_override(params, override)
+    return params
+
+
+def apply_override(params, override: str):
+    """`section.key=value` (as in `dvc exp run -S`), validated like params.yaml."""
+    import yaml
+
+    from .params import validate_params
+
+    if "=" not in override or "." not in override.split("=", 1)[0]:
+        raise ParamsError(f"--set {override!r}: expected section.key=value")
+    key, value = override.split("=", 1)
+    raw = params.model_dump()
+    section, name = key.split(".", 1)
+    raw.setdefault(section, {})[name] = yaml.safe_load(value)
+    return validate_params(raw, f"--set {override}")
+
+
+def cmd_pdf2img(args):
+    from .pdf import render_pages
+
+    m = render_pages(args.pdf, args.output, dpi=args.dpi, fmt=args.format, start_page=args.start_page,
+                     end_page=args.end_page, workers=args.workers)
+    print(f"rendered {len(m.pages)} pages to {args.output}; skipped {len(m.skipped)} PDFs")
+    for s in m.skipped:
+        print(f"  skipped {s['pdf']}: {s['reason']}")
+    return 0 if m.pages or not m.skipped else 1
+
+
+def cmd_infer(args):
+    import tempfile
+
+    from .infer import LocalModel, infer_documents
+    from .pdf import render_pages
+
+    params = _params(args)
+    prompt = args.prompt or params.dataset.prompt
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.pdf:
+            manifest = render_pages(args.pdf, tmp, dpi=args.dpi, workers=params.pdf2img.workers)
+            images = [Path(tmp) / p.image for p in manifest.pages]
+        else:
+            folder = Path(args.images)
+            if not folder.is_dir():
+                raise SystemExit(f"--images {folder}: not a directory")
+            images = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
+        if not images:
+            raise SystemExit("no page images to transcribe")
+        model = LocalModel(params, adapter_dir=args.adapter, device=params.train.device)
+        written = infer_documents(model, images, args.output, prompt, args.max_new_tokens or
+                                  params.evaluate.max_new_tokens, params.evaluate.batch_size,
+                                  params.evaluate.no_repeat_ngram_size)
+    print(f"wrote {len(written)} documents to {args.output}")
+    return 0
+
+
+def cmd_train(args):
+    from .tracking import start_run
+    from .train import train
+
+    params = _params(args)
+    if args.output:
+        params.train.output_dir = args.output
+    with start_run(params.tracking, run_name=f"lora-{params.lora.mode}", params=params) as tracker:
+        result = train(params, args.dataset, tracker=tracker, metrics_dir=args.metrics_dir)
+    print(f"adapter saved to {result.adapter_dir} ({result.trainable_params:,} trainable parameters, "
+          f"{result.steps} steps, final loss {result.losses[-1]:.4f})")
+    return 0
+
+
+def cmd_evaluate(args):
+    import json
+
+    from .evaluate import evaluate
+
+    params = _params(args)
+    result = evaluate(params, args.dataset, None if args.base_only else args.adapter, metrics_dir=args.metrics_dir)
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(json.dumps(result["summary"], indent=2))
+    return 0
+
+
+def cmd_inspect(args):
+    from .inspect import describe_lora
+
+    params = _params(args)
+    print(describe_lora(params, modes=[args.mode] if args.mode else None, list_modules=args.modules))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ocr-finetune", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def with_params(p):
+        p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        p.add_argument("--set", "-S", action="append", metavar="SECTION.KEY=VALUE",
+                       help="override one param, validated like params.yaml (repeatable)")
+        return p
+
+    p = sub.add_parser("pdf2img", help="render PDF pages to images")
+    p.add_argument("--pdf", required=True, help="a PDF file or a directory of PDFs")
+    p.add_argument("--output", "-o", required=True)
+    p.add_argument("--dpi", type=int, default=200)
+    p.add_argument("--format", choices=["png", "jpg"], default="png")
+    p.add_argument("--start-page", type=int, default=1)
+    p.add_argument("--end-page", type=int, default=None)
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=cmd_pdf2img)
+
+    p = with_params(sub.add_parser("infer", help="transcribe PDFs or page images to Markdown, one file per document"))
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pdf", help="a PDF file or a directory of PDFs")
+    src.add_argument("--images", help="a directory of page images ({doc}_p{N}.png)")
+    p.add_argument("--output", "-o", required=True)
+    p.add_argument("--adapter", help="a LoRA adapter directory (default: the base model alone)")
+    p.add_argument("--prompt")
+    p.add_argument("--dpi", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=int)
+    p.set_defaults(func=cmd_infer)
+
+    p = with_params(sub.add_parser("train", help="LoRA fine-tune on a JSONL dataset"))
+    p.add_argument("--dataset", default="data/dataset/train.jsonl")
+    p.add_argument("--output", help="adapter directory (default: train.output_dir)")
+    p.add_argument("--metrics-dir", default=None)
+    p.set_defaults(func=cmd_train)
+
+    p = with_params(sub.add_parser("evaluate", help="base vs fine-tuned CER/WER on a JSONL dataset"))
+    p.add_argument("--dataset", default="data/dataset/eval.jsonl")
+    p.add_argument("--adapter", default="models/adapter")
+    p.add_argument("--base-only", action="store_true")
+    p.add_argument("--output", help="write the full result (per page) as JSON")
+    p.add_argument("--metrics-dir", default=None)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = with_params(sub.add_parser("inspect", help="LoRA targets and trainable parameters per mode"))
+    p.add_argument("--mode", choices=["vision", "llm", "both"])
+    p.add_argument("--modules", action="store_true", help="list every targeted module")
+    p.set_defaults(func=cmd_inspect)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ParamsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

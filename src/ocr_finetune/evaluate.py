@@ -1,0 +1,73 @@
+"""Base model vs fine-tuned adapter on the eval split: CER/WER per page, per document and overall."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from .dataset import read_jsonl
+from .infer import LocalModel, transcribe_paths
+from .metrics import cer, summarize, wer
+from .models.base import write_json
+from .params import Params
+from .tracking import Tracker
+
+
+def evaluate(params: Params, eval_jsonl: str | Path, adapter_dir: str | Path | None,
+             metrics_dir: str | Path | None = None, tracker: Tracker | None = None, progress: bool = True) -> dict:
+    ep = params.evaluate
+    examples = read_jsonl(eval_jsonl)
+    if not examples:
+        raise ValueError(f"{eval_jsonl} has no examples to evaluate")
+    prompt = examples[0].prompt
+    systems = {"base": None}
+    if adapter_dir is not None:
+        systems["finetuned"] = adapter_dir
+    outputs: dict[str, list[str]] = {}
+    for name, adapter in systems.items():
+        model = LocalModel(params, adapter_dir=adapter, device=params.train.device)
+        by_path = dict(transcribe_paths(model, [e.image for e in examples], prompt, ep.max_new_tokens,
+                                        ep.batch_size, ep.no_repeat_ngram_size, progress=progress))
+        outputs[name] = [by_path[e.image] for e in examples]
+        del model
+
+    pages = []
+    for i, e in enumerate(examples):
+        row = {"doc": e.doc, "page": e.page, "reference": e.target}
+        for name in systems:
+            row[f"{name}_output"] = outputs[name][i]
+            row[f"{name}_cer"] = round(cer(e.target, outputs[name][i]), 4)
+            row[f"{name}_wer"] = round(wer(e.target, outputs[name][i]), 4)
+        pages.append(row)
+
+    summary = {"pages": len(pages), "docs": len({p["doc"] for p in pages})}
+    for name in systems:
+        summary[name] = {"cer": summarize([p[f"{name}_cer"] for p in pages])["mean"],
+                         "cer_median": summarize([p[f"{name}_cer"] for p in pages])["median"],
+                         "wer": summarize([p[f"{name}_wer"] for p in pages])["mean"]}
+    if "finetuned" in systems:
+        summary["cer_change"] = round(summary["finetuned"]["cer"] - summary["base"]["cer"], 4)
+
+    per_doc = defaultdict(list)
+    for p in pages:
+        per_doc[p["doc"]].append(p)
+    doc_rows = [{"doc": doc, **{f"{name}_cer": round(statistics.fmean(r[f"{name}_cer"] for r in rows), 4)
+                                for name in systems}} for doc, rows in sorted(per_doc.items())]
+    result = {"summary": summary, "per_doc": doc_rows, "pages": pages}
+    if metrics_dir is not None:
+        metrics_dir = Path(metrics_dir)
+        metrics_dir.mkdir(parents=True, exist_ok=True)
+        write_json(metrics_dir / "eval.json", summary)
+        # long format, one bar per (document, system): what `dvc plots` draws as a horizontal bar chart
+        write_json(metrics_dir / "eval_per_doc.json",
+                   [{"doc_system": f"{r['doc']} [{name}]", "doc": r["doc"], "system": name, "cer": r[f"{name}_cer"]}
+                    for r in doc_rows for name in systems])
+        with (metrics_dir / "eval_pages.jsonl").open("w", encoding="utf-8") as f:
+            for p in pages:
+                f.write(json.dumps(p, ensure_ascii=False) + "\n")
+    if tracker is not None:
+        tracker.log_metrics({f"eval_{name}_{k}": v for name in systems for k, v in summary[name].items()
+                             if v is not None})
+    return result

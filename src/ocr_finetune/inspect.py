@@ -1,0 +1,30 @@
+"""What LoRA would train: targeted modules and trainable parameters per mode."""
+
+from __future__ import annotations
+
+import torch
+
+from .lora import attach_lora, lora_modules, trainable_parameters
+from .models import get_family
+from .params import Params
+
+
+def lora_summary(params: Params, mode: str) -> dict:
+    family = get_family(params.model.family)
+    path = family.checkpoint_dir(params.model.base, params.model.cache_dir, params.model.allow_download)
+    model = family.load_model(path, torch.float32, "cpu")
+    total = sum(p.numel() for p in model.parameters())
+    peft_model = attach_lora(model, family.lora_targets(mode), params.lora.r, params.lora.alpha, 0.0)
+    modules = lora_modules(peft_model)
+    return {"mode": mode, "modules": modules, "trainable": trainable_parameters(peft_model), "total": total}
+
+
+def describe_lora(params: Params, modes=None, list_modules: bool = False) -> str:
+    lines = [f"family {params.model.family}, base {params.model.base}, LoRA r={params.lora.r}"]
+    for mode in modes or ["vision", "llm", "both"]:
+        s = lora_summary(params, mode)
+        lines.append(f"{mode:>6}: {len(s['modules'])} modules, {s['trainable']:,} trainable of {s['total']:,} "
+                     f"({100 * s['trainable'] / s['total']:.2f}%)")
+        if list_modules:
+            lines += [f"          {m}" for m in s["modules"]]
+    return "\n".join(lines)

@@ -1,0 +1,182 @@
+"""The typed schema of params.yaml, checked before any work starts.
+
+Every stage and CLI command reads its settings through `load_params`, so a typo or a bad value stops the run
+with one message that names the key and what it accepts, instead of failing an hour into training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
+
+
+class ParamsError(ValueError):
+    """params.yaml (or a -S override) is invalid; the message names the key and the allowed values."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataParams(_Section):
+    pdf_dir: str = "data/samples/pdfs"
+    truth_dir: str | None = "data/samples/truth"  # ground truth per page, if the user has any
+    pages_dir: str = "data/pages"
+    labels_dir: str = "data/labels"
+    dataset_dir: str = "data/dataset"
+
+
+class Pdf2ImgParams(_Section):
+    dpi: int = Field(100, ge=36, le=600)
+    format: Literal["png", "jpg"] = "png"
+    start_page: int = Field(1, ge=1)
+    end_page: int | None = Field(None, ge=1)
+    workers: int = Field(2, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.end_page is not None and self.end_page < self.start_page:
+            raise ValueError(f"end_page ({self.end_page}) is before start_page ({self.start_page})")
+        return self
+
+
+class TeacherParams(_Section):
+    kind: Literal["pdf_text"] = "pdf_text"  # `api` and `local` arrive with their own issue
+    min_chars: int = Field(1, ge=1)  # fewer characters than this on a page = no usable text layer
+
+
+class DatasetParams(_Section):
+    prompt: str = DEFAULT_PROMPT
+    eval_fraction: float = Field(0.34, ge=0.0, lt=1.0)
+    seed: int = 0
+
+    @field_validator("prompt")
+    @classmethod
+    def _has_image(cls, v):
+        if "<image>" not in v:
+            raise ValueError("the prompt must contain the <image> placeholder")
+        return v
+
+
+class ModelParams(_Section):
+    family: Literal["deepseek-ocr2"] = "deepseek-ocr2"
+    # `tiny` builds a small random model offline; otherwise a hub id or a local checkpoint directory.
+    base: str = "tiny"
+    cache_dir: str = "models/base"
+    # Image views fed to the model: `nocrop` = one 768px view (145 tokens); `gundam` = 1024px + up to 6 tiles.
+    resolution: Literal["nocrop", "gundam"] = "nocrop"
+    allow_download: bool = True
+
+
+class LoraParams(_Section):
+    mode: Literal["vision", "llm", "both"] = "both"
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class TrainParams(_Section):
+    seed: int = 0
+    epochs: int = Field(20, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # overrides epochs when set
+    batch_size: int = Field(2, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    max_label_tokens: int = Field(512, ge=8)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    gradient_checkpointing: bool = False
+    log_every: int = Field(1, ge=1)
+    output_dir: str = "models/adapter"
+
+
+class EvaluateParams(_Section):
+    split: Literal["eval", "train"] = "eval"
+    max_new_tokens: int = Field(256, ge=1)
+    batch_size: int = Field(2, ge=1)
+    no_repeat_ngram_size: int = Field(0, ge=0)
+
+
+class TrackingParams(_Section):
+    experiment: str = "ocr-finetune"
+    # Empty = MLflow's default (MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db in the repo).
+    tracking_uri: str = ""
+    enabled: bool = True
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_secret(cls, v):
+        if "@" in v.split("://", 1)[-1].split("/", 1)[0]:
+            raise ValueError("put credentials in the environment (MLFLOW_TRACKING_USERNAME/PASSWORD), not in params")
+        return v
+
+
+class Params(_Section):
+    data: DataParams = DataParams()
+    pdf2img: Pdf2ImgParams = Pdf2ImgParams()
+    teacher: TeacherParams = TeacherParams()
+    dataset: DatasetParams = DatasetParams()
+    model: ModelParams = ModelParams()
+    lora: LoraParams = LoraParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    tracking: TrackingParams = TrackingParams()
+
+
+def _allowed(model: type[BaseModel], loc: tuple) -> str | None:
+    """The accepted values (Literal choices) or the known keys at a location, for error messages."""
+    cls = model
+    for part in loc[:-1]:
+        field = cls.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return None
+        cls = field.annotation
+    field = cls.model_fields.get(loc[-1])
+    if field is None:
+        return "known keys: " + ", ".join(cls.model_fields)
+    choices = get_args(field.annotation)
+    if choices and all(isinstance(c, (str, int, bool)) for c in choices) and str(field.annotation).startswith("typing.Literal"):
+        return "allowed values: " + ", ".join(map(str, choices))
+    return None
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(str(x) for x in e["loc"])
+        key = ".".join(loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown key `{key}`"
+        else:
+            got = e.get("input")
+            msg = f"`{key}` = {got!r}: {e['msg']}"
+        hint = _allowed(Params, loc) if loc else None
+        lines.append(f"{msg}" + (f" ({hint})" if hint else ""))
+    return f"invalid params in {source}:\n  " + "\n  ".join(lines)
+
+
+def validate_params(raw: dict | None, source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise ParamsError(_format(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path} not found (run from the repository root or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path} is not valid YAML: {e}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ParamsError(f"{path} must be a mapping of sections, got {type(raw).__name__}")
+    return validate_params(raw, str(path))

@@ -1,0 +1,70 @@
+"""Teachers label page images with Markdown. Pick one with `teacher.kind` in params.yaml."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..metrics import cer, summarize
+from ..params import TeacherParams
+from ..pdf import RenderManifest
+from .base import PageInput, PageLabel, Teacher
+
+
+def get_teacher(params: TeacherParams) -> Teacher:
+    if params.kind == "pdf_text":
+        from .pdf_text import PdfTextTeacher
+
+        return PdfTextTeacher(min_chars=params.min_chars)
+    raise ValueError(f"teacher.kind={params.kind!r} is not implemented")  # unreachable: params validated
+
+
+def label_pages(teacher: Teacher, pages_dir: str | Path, pdf_dir: str | Path, out_dir: str | Path,
+                progress: bool = True) -> list[PageLabel]:
+    """Label every page in the render manifest; write `labels.jsonl` (one row per page, any status)."""
+    pages_dir, pdf_dir, out_dir = Path(pages_dir), Path(pdf_dir), Path(out_dir)
+    manifest = RenderManifest.load(pages_dir / "manifest.json")
+    inputs = [PageInput(p.doc, p.page, pages_dir / p.image, pdf_dir / f"{p.doc}.pdf") for p in manifest.pages]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = []
+    with (out_dir / "labels.jsonl").open("w", encoding="utf-8") as f:
+        for label in tqdm(teacher.label(inputs), total=len(inputs), desc=f"label ({teacher.name})",
+                          unit="page", disable=not progress):
+            labels.append(label)
+            f.write(json.dumps(asdict(label), ensure_ascii=False) + "\n")
+    return labels
+
+
+def read_labels(path: str | Path) -> list[PageLabel]:
+    path = Path(path)
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(PageLabel(**json.loads(line)))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"{path}:{n}: not a label row ({e})") from None
+    return rows
+
+
+def teacher_quality(labels: list[PageLabel], truth_dir: str | Path | None) -> dict:
+    """CER of each labeled page against the ground truth `{doc}_p{N}.md`, where the user has one."""
+    counts = {s: sum(1 for x in labels if x.status == s) for s in ("labeled", "unlabeled", "failed")}
+    report = {"pages": len(labels), **counts, "cer": None, "per_page": []}
+    if not truth_dir or not Path(truth_dir).is_dir():
+        return report
+    values = []
+    for x in labels:
+        truth = Path(truth_dir) / f"{x.doc}_p{x.page}.md"
+        if x.status != "labeled" or not truth.exists():
+            continue
+        value = cer(truth.read_text(encoding="utf-8"), x.text)
+        values.append(value)
+        report["per_page"].append({"doc_page": f"{x.doc} p{x.page}", "doc": x.doc, "page": x.page,
+                                   "cer": round(value, 4)})
+    report["cer"] = summarize(values)
+    return report

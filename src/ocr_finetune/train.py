@@ -1,0 +1,170 @@
+"""LoRA fine-tuning, in one loop you can read top to bottom.
+
+    examples -> tensors -> (shuffle, batch, forward, backward, step) x steps -> adapter + metrics
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .dataset import read_jsonl
+from .lora import attach_lora, lora_modules, trainable_parameters
+from .models import get_family
+from .models.base import load_image, write_json
+from .params import Params
+from .runtime import pick_device, pick_dtype, seed_everything
+from .tracking import Tracker
+
+RUN_INFO = "ocr_finetune.json"  # written beside the adapter: what it was trained from
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    steps: int
+    losses: list[float]
+    trainable_params: int
+    seconds: float
+
+
+def load_base(params: Params, device: str, dtype: torch.dtype):
+    family = get_family(params.model.family)
+    path = family.checkpoint_dir(params.model.base, params.model.cache_dir, params.model.allow_download)
+    return family, family.load_model(path, dtype, device), family.load_processor(path, params.model.resolution), path
+
+
+def pad_batch(items, pad_id: int, family) -> dict:
+    """Right-pad a list of Encoded examples into one batch."""
+    width = max(len(x.input_ids) for x in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for i, x in enumerate(items):
+        n = len(x.input_ids)
+        ids[i, :n], labels[i, :n], mask[i, :n] = x.input_ids, x.labels, 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+            **family.collate_pixels([x.pixel for x in items])}
+
+
+def to_device(batch: dict, device: str, dtype: torch.dtype) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device)
+            if v.is_floating_point():
+                v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = None,
+          metrics_dir: str | Path | None = None, progress: bool = True) -> TrainResult:
+    tp = params.train
+    tracker = tracker or Tracker(None)
+    seed_everything(tp.seed)
+    device = pick_device(tp.device)
+    dtype = pick_dtype(tp.dtype, device)
+
+    family, model, processor, base_path = load_base(params, device, dtype)
+    model = attach_lora(model, family.lora_targets(params.lora.mode), params.lora.r, params.lora.alpha,
+                        params.lora.dropout)
+    if tp.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    n_trainable = trainable_parameters(model)
+
+    examples = read_jsonl(train_jsonl)
+    if not examples:
+        raise ValueError(f"{train_jsonl} has no examples: nothing to train on")
+    data = [family.encode_example(processor, load_image(e.image), e.prompt, e.target, tp.max_label_tokens)
+            for e in examples]
+
+    steps_per_epoch = math.ceil(len(data) / (tp.batch_size * tp.grad_accum))
+    total_steps = tp.max_steps or tp.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tp.learning_rate,
+                                  weight_decay=tp.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / tp.warmup_steps) if tp.warmup_steps else 1.0)
+    tracker.set_tags({"family": params.model.family, "base": params.model.base, "lora_mode": params.lora.mode,
+                      "device": device})
+    tracker.log_metrics({"trainable_params": n_trainable, "train_pages": len(data)})
+
+    rng = random.Random(tp.seed)
+    order: list[int] = []
+    losses: list[float] = []
+    model.train()
+    start = time.time()
+    bar = tqdm(range(total_steps), desc="train", unit="step", disable=not progress)
+    for step in bar:
+        step_loss = 0.0
+        for _ in range(tp.grad_accum):
+            if len(order) < tp.batch_size:  # reshuffle every epoch, deterministically
+                order += rng.sample(range(len(data)), len(data))
+            batch_idx, order = order[: tp.batch_size], order[tp.batch_size:]
+            batch = to_device(pad_batch([data[i] for i in batch_idx], processor.tokenizer.pad_token_id, family),
+                              device, dtype)
+            loss = model(**batch).loss / tp.grad_accum
+            loss.backward()
+            step_loss += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+        bar.set_postfix(loss=f"{step_loss:.4f}")
+        if step % tp.log_every == 0 or step == total_steps - 1:
+            tracker.log_metric("train_loss", step_loss, step=step)
+    seconds = time.time() - start
+
+    out = Path(tp.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    write_json(out / RUN_INFO, {
+        "family": params.model.family, "base": params.model.base, "base_path": str(base_path),
+        "resolution": params.model.resolution, "lora": params.lora.model_dump(), "prompt": examples[0].prompt,
+        "trainable_params": n_trainable, "lora_modules": len(lora_modules(model)), "steps": total_steps,
+        "mlflow_run_id": tracker.run_id, "versions": versions(),
+    })
+    result = TrainResult(out, total_steps, losses, n_trainable, seconds)
+    if metrics_dir is not None:
+        write_train_metrics(result, len(data), Path(metrics_dir))
+    tracker.log_metrics({"final_loss": losses[-1], "train_seconds": seconds})
+    tracker.log_artifacts(out, artifact_path="adapter")
+    return result
+
+
+def write_train_metrics(result: TrainResult, pages: int, metrics_dir: Path) -> None:
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    tail = result.losses[-max(1, len(result.losses) // 10):]
+    write_json(metrics_dir / "train.json", {
+        "trainable_params": result.trainable_params, "steps": result.steps, "pages": pages,
+        "first_loss": round(result.losses[0], 4), "final_loss": round(sum(tail) / len(tail), 4),
+        "seconds": round(result.seconds, 1),
+    })
+    with (metrics_dir / "train_loss.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "loss"])
+        w.writerows([i, round(v, 5)] for i, v in enumerate(result.losses))
+
+
+def versions() -> dict:
+    import peft
+    import transformers
+
+    return {"ocr_finetune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__}
+
+
+def read_run_info(adapter_dir: str | Path) -> dict:
+    path = Path(adapter_dir) / RUN_INFO
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

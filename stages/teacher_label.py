@@ -1,0 +1,19 @@
+"""Stage teacher_label: label every rendered page with the configured teacher; report teacher quality."""
+
+import json
+from pathlib import Path
+
+from common import params
+
+from ocr_finetune.teachers import get_teacher, label_pages, teacher_quality
+
+p = params()
+labels = label_pages(get_teacher(p.teacher), p.data.pages_dir, p.data.pdf_dir, p.data.labels_dir)
+quality = teacher_quality(labels, p.data.truth_dir)
+Path("metrics").mkdir(exist_ok=True)
+per_page = quality.pop("per_page")
+Path("metrics/teacher.json").write_text(json.dumps(quality, indent=2) + "\n", encoding="utf-8")
+Path("metrics/teacher_pages.json").write_text(json.dumps(per_page, indent=2, ensure_ascii=False) + "\n",
+                                              encoding="utf-8")
+print(f"teacher_label: {quality['labeled']} labeled, {quality['unlabeled']} unlabeled, {quality['failed']} failed;"
+      f" CER vs truth {quality['cer']}")

@@ -1,0 +1,13 @@
+"""Stage train: LoRA fine-tune the base model on train.jsonl; adapter to train.output_dir, run to MLflow."""
+
+from pathlib import Path
+
+from common import params
+
+from ocr_finetune.tracking import start_run
+from ocr_finetune.train import train
+
+p = params()
+with start_run(p.tracking, run_name=f"lora-{p.lora.mode}", params=p) as tracker:
+    result = train(p, Path(p.data.dataset_dir) / "train.jsonl", tracker=tracker, metrics_dir="metrics")
+print(f"train: {result.steps} steps, {result.trainable_params:,} trainable params, final loss {result.losses[-1]:.4f}")
