@@ -88,7 +88,8 @@ def tiny_config(tokenizer) -> DeepseekOcr2Config:
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
                          num_experts_per_tok=2, n_shared_experts=1, mlp_layer_types=["dense", "sparse"],
                          max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         initializer_range=0.1),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
     )
 

@@ -1,0 +1,55 @@
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from ocr_finetune.params import ParamsError, load_params, validate_params
+
+
+def error_for(raw):
+    with pytest.raises(ParamsError) as e:
+        validate_params(raw)
+    return str(e.value)
+
+
+def test_shipped_params_are_valid_and_offline():
+    p = load_params(ROOT / "params.yaml")
+    assert p.model.base == "tiny" and p.teacher.kind == "pdf_text"
+
+
+def test_bad_value_names_key_and_allowed_values():
+    msg = error_for({"lora": {"mode": "foo"}})
+    assert "lora.mode" in msg and "vision, llm, both" in msg and "'foo'" in msg
+
+
+def test_unknown_key_names_key_and_known_keys():
+    msg = error_for({"train": {"learning_rat": 0.1}})
+    assert "unknown key `train.learning_rat`" in msg and "learning_rate" in msg
+    assert "unknown key `bogus`" in error_for({"bogus": {}})
+
+
+def test_wrong_type_and_range():
+    assert "train.batch_size" in error_for({"train": {"batch_size": "two"}})
+    assert "pdf2img.dpi" in error_for({"pdf2img": {"dpi": 5}})
+    assert "pdf2img.format" in error_for({"pdf2img": {"format": "tiff"}}) and "png, jpg" in error_for(
+        {"pdf2img": {"format": "tiff"}})
+    assert "end_page" in error_for({"pdf2img": {"start_page": 3, "end_page": 2}})
+
+
+def test_credentials_never_go_in_params():
+    assert "environment" in error_for({"tracking": {"tracking_uri": "https://user:secret@mlflow.example"}})
+
+
+def test_stage_stops_before_any_work(tmp_path):
+    """A stage run with a bad params.yaml exits with the message and writes nothing."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["lora"]["mode"] = "foo"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    shutil.copytree(ROOT / "stages", tmp_path / "stages")
+    r = subprocess.run([sys.executable, "stages/pdf2img.py"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "lora.mode" in r.stderr and "vision, llm, both" in r.stderr
+    assert not (tmp_path / "data").exists()
