@@ -1,0 +1,67 @@
+import json
+
+import pytest
+
+from ocr_finetune.dataset import DatasetError, build_dataset, read_jsonl, split_documents
+from ocr_finetune.teachers.base import PageLabel
+
+PROMPT = "<image>\nFree OCR."
+
+
+def labels_for(tmp_path, docs=("a", "b", "c", "d", "e", "f"), pages=2):
+    out = []
+    (tmp_path / "pages").mkdir()
+    for d in docs:
+        for n in range(1, pages + 1):
+            (tmp_path / "pages" / f"{d}_p{n}.png").write_bytes(b"png")
+            out.append(PageLabel(d, n, f"{d}_p{n}.png", "labeled", text=f"# {d} page {n}"))
+    out.append(PageLabel("scan", 1, "scan_p1.png", "unlabeled", reason="no text layer"))
+    return out
+
+
+def test_split_is_by_document_and_deterministic():
+    docs = [f"doc{i}" for i in range(10)]
+    train, held = split_documents(docs, 0.3, seed=0)
+    assert len(held) == 3 and not train & held and train | held == set(docs)
+    assert split_documents(list(reversed(docs)), 0.3, seed=0) == (train, held)
+    assert split_documents(docs, 0.3, seed=1) != (train, held)
+    assert split_documents(["only"], 0.5, 0) == ({"only"}, set())
+
+
+def test_build_writes_seed_format_with_relative_images(tmp_path):
+    summary = build_dataset(labels_for(tmp_path), tmp_path / "pages", tmp_path / "ds", PROMPT, 0.34, 0)
+    assert summary["train"]["pages"] + summary["eval"]["pages"] == 12
+    assert summary["skipped_pages"][0]["doc"] == "scan"
+    line = (tmp_path / "ds" / "train.jsonl").read_text().splitlines()[0]
+    rec = json.loads(line)
+    user, assistant = rec["messages"]
+    assert user["role"] == "<|User|>" and user["content"] == PROMPT
+    assert assistant["role"] == "<|Assistant|>" and assistant["content"].startswith("# ")
+    assert user["images"][0].startswith("../pages/")
+    assert (tmp_path / "ds" / user["images"][0]).resolve() == (tmp_path / "pages" / user["images"][0][9:]).resolve()
+    train = read_jsonl(tmp_path / "ds" / "train.jsonl")
+    held = read_jsonl(tmp_path / "ds" / "eval.jsonl")
+    assert {e.doc for e in train}.isdisjoint({e.doc for e in held})
+    assert all(e.image.is_file() for e in train + held)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"messages": [', "not valid JSON"),
+    ('{"messages": [{"role": "user", "content": "<image>", "images": ["x.png"]},'
+     ' {"role": "<|Assistant|>", "content": "t"}]}', "roles must be"),
+    ('{"messages": [{"role": "<|User|>", "content": "no placeholder", "images": ["x.png"]},'
+     ' {"role": "<|Assistant|>", "content": "t"}]}', "<image>"),
+    ('{"messages": [{"role": "<|User|>", "content": "<image>", "images": ["x.png"]},'
+     ' {"role": "<|Assistant|>", "content": "  "}]}', "empty"),
+    ('{"messages": [{"role": "<|User|>", "content": "<image>", "images": ["missing.png"]},'
+     ' {"role": "<|Assistant|>", "content": "t"}]}', "image not found"),
+])
+def test_malformed_lines_are_named(tmp_path, line, message):
+    (tmp_path / "x.png").write_bytes(b"png")
+    good = ('{"messages": [{"role": "<|User|>", "content": "<image>", "images": ["x.png"]},'
+            ' {"role": "<|Assistant|>", "content": "t"}]}')
+    path = tmp_path / "d.jsonl"
+    path.write_text(good + "\n" + good + "\n" + line + "\n")
+    with pytest.raises(DatasetError) as e:
+        read_jsonl(path)
+    assert f"d.jsonl:3:" in str(e.value) and message in str(e.value)
