@@ -1,0 +1,93 @@
+"""The CLI end to end on the tiny model, and MLflow logging of a training run."""
+
+import json
+import subprocess
+import sys
+
+import yaml
+
+from conftest import ROOT
+
+SAMPLES = ROOT / "data" / "samples" / "pdfs"
+
+
+def cli(*args, cwd=None, env=None):
+    r = subprocess.run([sys.executable, str(ROOT / "main.py"), *map(str, args)], cwd=cwd, capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def small_params(tmp_path, models_cache, **overrides):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["model"]["cache_dir"] = str(models_cache)
+    raw["train"].update(max_steps=3, output_dir=str(tmp_path / "adapter"))
+    raw["evaluate"]["max_new_tokens"] = 8
+    raw["tracking"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for section, values in overrides.items():
+        raw[section].update(values)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    return path
+
+
+def test_console_script_and_main_py_agree():
+    exe = ROOT / ".venv" / "bin" / "ocr-finetune"
+    direct = subprocess.run([sys.executable, str(ROOT / "main.py"), "--help"], capture_output=True, text=True)
+    assert all(c in direct.stdout for c in ("pdf2img", "infer", "train", "evaluate", "inspect"))
+    if exe.exists():
+        via_script = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
+        assert via_script.stdout == direct.stdout.replace("main.py", "ocr-finetune")
+
+
+def test_pdf2img_train_evaluate_infer_and_mlflow(tmp_path, models_cache):
+    params = small_params(tmp_path, models_cache)
+    out = cli("pdf2img", "--pdf", SAMPLES, "--output", tmp_path / "pages", "--dpi", 40)
+    assert "rendered" in out and (tmp_path / "pages" / "korean_memo_p1.png").is_file()
+
+    from ocr_finetune.dataset import build_dataset
+    from ocr_finetune.teachers import get_teacher, label_pages
+    from ocr_finetune.params import TeacherParams
+
+    labels = label_pages(get_teacher(TeacherParams()), tmp_path / "pages", SAMPLES, tmp_path / "labels",
+                         progress=False)
+    build_dataset(labels, tmp_path / "pages", tmp_path / "ds", "<image>\nFree OCR.", 0.34, 0)
+
+    out = cli("train", "--params", params, "--dataset", tmp_path / "ds" / "train.jsonl",
+              "--metrics-dir", tmp_path / "metrics")
+    assert "adapter saved" in out
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    train_metrics = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    assert train_metrics["steps"] == 3 and train_metrics["trainable_params"] == 67_072
+
+    out = cli("evaluate", "--params", params, "--dataset", tmp_path / "ds" / "eval.jsonl",
+              "--adapter", tmp_path / "adapter", "--output", tmp_path / "results.json")
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert set(result["summary"]) >= {"base", "finetuned"} and result["pages"]
+    assert all(0 <= p["base_cer"] for p in result["pages"])
+
+    cli("infer", "--params", params, "--images", tmp_path / "pages", "--output", tmp_path / "md",
+        "--adapter", tmp_path / "adapter", "--max-new-tokens", 4)
+    assert sorted(p.stem for p in (tmp_path / "md").glob("*.md")) == sorted(p.stem for p in SAMPLES.glob("*.pdf"))
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["ocr-finetune"], output_format="list")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["lora.mode"] == "both" and run.data.params["train.max_steps"] == "3"
+    assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")) == 3
+    assert run.data.tags.get("git_commit")
+    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "adapter")]
+    assert "adapter/adapter_model.safetensors" in artifacts
+    assert not any("secret" in json.dumps(run.data.params).lower() for _ in [0])
+
+
+def test_set_override_is_validated(tmp_path, models_cache):
+    params = small_params(tmp_path, models_cache)
+    r = subprocess.run([sys.executable, str(ROOT / "main.py"), "inspect", "--params", str(params),
+                        "-S", "lora.mode=foo"], capture_output=True, text=True)
+    assert r.returncode == 2 and "lora.mode" in r.stderr and "vision, llm, both" in r.stderr
+    out = cli("inspect", "--params", params)
+    assert "vision: 22 modules, 36,864 trainable" in out and "llm: 14 modules, 30,208 trainable" in out

@@ -1,0 +1,102 @@
+"""The DVC pipeline in a scratch copy of the repository: precise deps, no-op repro, experiments."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+
+def run(cmd, cwd, env):
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"{cmd}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout + r.stderr
+
+
+def ran(output):
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+def set_param(repo, key, value):
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    section, name = key.split(".")
+    raw[section][name] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, models_cache):
+    repo = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    files += [str(p.relative_to(ROOT)) for p in (ROOT / "data" / "samples").rglob("*") if p.is_file()]
+    for f in set(files):
+        if f.startswith(("tests/", "dvc.lock", "metrics/")) or not (ROOT / f).is_file():
+            continue
+        (repo / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, repo / f)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    raw["model"]["cache_dir"] = str(models_cache)
+    raw["train"]["max_steps"] = 2
+    raw["evaluate"]["max_new_tokens"] = 4
+    raw["pdf2img"]["dpi"] = 40
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False))
+    (repo / ".gitignore").write_text((ROOT / ".gitignore").read_text() + "/mlflow.db\n")
+    run(["git", "init", "-q"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "init"], repo, env)
+    return repo, env
+
+
+def test_repro_then_noop_then_only_downstream(repo):
+    repo, env = repo
+    out = run(["dvc", "repro"], repo, env)
+    assert ran(out) == ["pdf2img", "teacher_label", "build_dataset", "train", "evaluate"]
+    for f in ("metrics/teacher.json", "metrics/train.json", "metrics/eval.json", "metrics/eval_per_doc.json",
+              "metrics/train_loss.csv", "models/adapter/adapter_model.safetensors", "data/dataset/train.jsonl"):
+        assert (repo / f).is_file(), f
+
+    assert ran(run(["dvc", "repro"], repo, env)) == []  # nothing changed: nothing runs
+
+    set_param(repo, "evaluate.max_new_tokens", 5)
+    assert ran(run(["dvc", "repro"], repo, env)) == ["evaluate"]
+
+    set_param(repo, "train.learning_rate", 0.002)
+    assert ran(run(["dvc", "repro"], repo, env)) == ["train", "evaluate"]
+
+    set_param(repo, "teacher.min_chars", 2)
+    assert ran(run(["dvc", "repro"], repo, env))[0] == "teacher_label"  # downstream stages only if labels changed
+
+    metrics = json.loads(run(["dvc", "metrics", "show", "--json"], repo, env))
+    assert metrics  # dvc reads every declared metrics file
+    plots = run(["dvc", "plots", "show", "--json"], repo, env)
+    assert "eval_per_doc.json" in plots and "train_loss.csv" in plots
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "baseline"], repo, env)
+
+
+def test_experiments_per_lora_mode(repo):
+    repo, env = repo
+    for mode in ("llm", "vision"):
+        out = run(["dvc", "exp", "run", "-S", f"lora.mode={mode}"], repo, env)
+        assert ran(out) == ["train", "evaluate"]
+    table = json.loads(run(["dvc", "exp", "show", "--json"], repo, env))
+    counts = {}
+    for commit in table:
+        for exp in [commit] + [e for ex in commit.get("experiments") or [] for e in ex.get("revs", [])]:
+            data = exp.get("data") or {}
+            mode = (data.get("params", {}).get("params.yaml", {}).get("data", {}).get("lora", {}) or {}).get("mode")
+            trainable = (data.get("metrics", {}).get("metrics/train.json", {}).get("data", {}) or {}).get(
+                "trainable_params")
+            if exp.get("name") and mode:
+                counts[mode] = trainable
+    assert counts.get("llm") == 30_208 and counts.get("vision") == 36_864, counts
