@@ -1,4 +1,5 @@
 # Two commands from a fresh clone: `make demo` (whole pipeline, offline, tiny model) and `make test`.
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin

@@ -27,6 +27,8 @@ class LocalModel:
             # Train and infer must agree on the base and the image views, or the adapter sees other inputs.
             info = read_run_info(adapter_dir)
             if info and (info.get("base"), info.get("resolution")) != (params.model.base, params.model.resolution):
+                print(f"note: {adapter_dir} was trained on model.base={info['base']} with "
+                      f"model.resolution={info['resolution']}; using those, not params.yaml's", flush=True)
                 params = params.model_copy(deep=True)
                 params.model.base, params.model.resolution = info["base"], info["resolution"]
         self.family, model, self.processor, _ = load_base(params, self.device, self.dtype)

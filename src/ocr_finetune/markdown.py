@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 _BOLD = re.compile(r"\*\*(.+?)\*\*")
+_LIST_ITEM = re.compile(r"^\s*([-*+]|\d+[.)]) ")
 
 
 def _unbold(s: str) -> str:
@@ -34,9 +35,8 @@ def clean_markdown(md: str) -> str:
         elif line.lstrip().startswith("|"):
             line = table_row(line)
         out.append(line)
-    text = "\n".join(out)
     # a blank line between two list items is extractor spacing, not a paragraph break
-    text = re.sub(r"(?m)^(\s*[-*+] .*)\n\n(?=\s*[-*+] )", r"\1\n", text)
-    text = re.sub(r"(?m)^(\s*[-*+] .*)\n\n(?=\s*[-*+] )", r"\1\n", text)
-    text = re.sub(r"\n{3,}", "\n\n", text)
+    out = [line for i, line in enumerate(out)
+           if line or not (0 < i < len(out) - 1 and _LIST_ITEM.match(out[i - 1]) and _LIST_ITEM.match(out[i + 1]))]
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(out))
     return text.strip() + "\n" if text.strip() else ""
