@@ -44,8 +44,8 @@ def evaluate(params: Params, eval_jsonl: str | Path, adapter_dir: str | Path | N
 
     summary = {"pages": len(pages), "docs": len({p["doc"] for p in pages})}
     for name in systems:
-        summary[name] = {"cer": summarize([p[f"{name}_cer"] for p in pages])["mean"],
-                         "cer_median": summarize([p[f"{name}_cer"] for p in pages])["median"],
+        cers = summarize([p[f"{name}_cer"] for p in pages])
+        summary[name] = {"cer": cers["mean"], "cer_median": cers["median"],
                          "wer": summarize([p[f"{name}_wer"] for p in pages])["mean"]}
     if "finetuned" in systems:
         summary["cer_change"] = round(summary["finetuned"]["cer"] - summary["base"]["cer"], 4)
