@@ -89,5 +89,6 @@ def start_run(tracking: TrackingParams, run_name: str | None = None, params: Par
         tracker = Tracker(run)
         if params is not None and run_id is None:
             mlflow.log_params(flatten(params.model_dump()))
-            tracker.set_tags({"mlflow.source.git.commit": git_commit(), "git_commit": git_commit()})
+            commit = git_commit()
+            tracker.set_tags({"mlflow.source.git.commit": commit, "git_commit": commit})
         yield tracker
