@@ -70,16 +70,20 @@ def cmd_infer(args):
 
 
 def cmd_train(args):
+    from . import distributed
     from .tracking import start_run
     from .train import train
 
     params = _params(args)
+    distributed.relaunch(params.train.num_gpus, ["-m", "ocr_finetune.cli", *args.argv])
     if args.output:
         params.train.output_dir = args.output
     with start_run(params.tracking, run_name=f"lora-{params.lora.mode}", params=params) as tracker:
         result = train(params, args.dataset, tracker=tracker, metrics_dir=args.metrics_dir)
-    print(f"adapter saved to {result.adapter_dir} ({result.trainable_params:,} trainable parameters, "
-          f"{result.steps} steps, final loss {result.losses[-1]:.4f})")
+    if distributed.process_rank() == 0:
+            print(f"adapter saved to {result.adapter_dir} ({result.trainable_params:,} trainable parameters, "
+              f"{result.steps} steps on {result.num_gpus} process(es), {result.pages_per_second:.2f} pages/s, "
+              f"final loss {result.losses[-1]:.4f})")
     return 0
 
 
@@ -157,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # `train` re-runs itself under torchrun with the same arguments
     try:
         return args.func(args)
     except ParamsError as e:

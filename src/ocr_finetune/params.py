@@ -84,8 +84,9 @@ class TrainParams(_Section):
     seed: int = 0
     epochs: int = Field(20, ge=1)
     max_steps: int | None = Field(None, ge=1)  # overrides epochs when set
-    batch_size: int = Field(2, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    batch_size: int = Field(2, ge=1)  # pages per forward pass over all GPUs together
+    grad_accum: int = Field(1, ge=1)  # forward passes per optimizer step
+    num_gpus: int = Field(1, ge=1, le=64)  # >1: data parallel through torchrun (CPU processes when device=cpu)
     learning_rate: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
@@ -95,6 +96,13 @@ class TrainParams(_Section):
     gradient_checkpointing: bool = False
     log_every: int = Field(1, ge=1)
     output_dir: str = "models/adapter"
+
+    @model_validator(mode="after")
+    def _split(self):
+        if self.batch_size % self.num_gpus:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of num_gpus ({self.num_gpus}): "
+                             f"the batch is split evenly over the GPUs")
+        return self
 
 
 class EvaluateParams(_Section):

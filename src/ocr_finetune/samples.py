@@ -12,7 +12,8 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pymupdf
+# pymupdf is imported where PDFs are written: the tiny tokenizer reads this corpus's text on machines
+# (the GPU box) that have no PyMuPDF.
 
 PAGE_W, PAGE_H = 595, 842  # A4 in points
 MARGIN = 56
@@ -149,6 +150,8 @@ class _Layout:
     """A y-cursor page writer: wraps text to a column width and starts a new page when full."""
 
     def __init__(self, doc: pymupdf.Document):
+        import pymupdf
+
         self.doc = doc
         self.fonts = {LATIN: pymupdf.Font(LATIN), LATIN_BOLD: pymupdf.Font(LATIN_BOLD), CJK: pymupdf.Font(CJK)}
         self.page = None
@@ -281,6 +284,8 @@ def _fixed(doc: pymupdf.Document, title: str):
 
 
 def build_document(name: str, spec: dict, image_dpi: int = 110) -> bytes:
+    import pymupdf
+
     doc = pymupdf.open()
     layout = _Layout(doc)
     for b in spec["blocks"]:

@@ -76,7 +76,7 @@ class Tracker:
 def start_run(tracking: TrackingParams, run_name: str | None = None, params: Params | None = None,
               run_id: str | None = None):
     """Start (or, with run_id, resume) an MLflow run; yields a Tracker (a no-op one when disabled)."""
-    if not tracking.enabled:
+    if not tracking.enabled or os.environ.get("RANK", "0") != "0":  # data parallel: rank 0 alone logs
         yield Tracker(None)
         return
     import mlflow

@@ -5,18 +5,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .dataset import read_jsonl
 from .lora import attach_lora, lora_modules, trainable_parameters
 from .models import get_family
@@ -35,6 +37,10 @@ class TrainResult:
     losses: list[float]
     trainable_params: int
     seconds: float
+    pages_per_second: float = 0.0
+    num_gpus: int = 1
+    peak_memory_gib: float | None = None  # this process's GPU, None on CPU
+    model: object = field(default=None, repr=False)  # the trained PEFT model, still in memory
 
 
 def load_base(params: Params, device: str, dtype: torch.dtype):
@@ -72,8 +78,8 @@ def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = Non
     tp = params.train
     tracker = tracker or Tracker(None)
     seed_everything(tp.seed)
-    device = pick_device(tp.device)
-    dtype = pick_dtype(tp.dtype, device)
+    rank, device = distributed.setup(pick_device(tp.device))  # one process per GPU under torchrun
+    dtype = pick_dtype(tp.dtype, device.split(":")[0])
 
     family, model, processor, base_path = load_base(params, device, dtype)
     model = attach_lora(model, family.lora_targets(params.lora.mode), params.lora.r, params.lora.alpha,
@@ -82,12 +88,17 @@ def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = Non
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     n_trainable = trainable_parameters(model)
+    peft_model = model
+    if rank.enabled:
+        model = DistributedDataParallel(model, device_ids=[rank.local_rank] if device.startswith("cuda") else None)
 
     examples = read_jsonl(train_jsonl)
     if not examples:
         raise ValueError(f"{train_jsonl} has no examples: nothing to train on")
     data = [family.encode_example(processor, load_image(e.image), e.prompt, e.target, tp.max_label_tokens)
-            for e in examples]
+            for e in tqdm(examples, desc="encode", unit="page", disable=not (progress and rank.is_main))]
+    # Tokens the loss is taken over (labels are shifted by one inside the model).
+    target_tokens = [int((x.labels[1:] != -100).sum()) for x in data]
 
     steps_per_epoch = math.ceil(len(data) / (tp.batch_size * tp.grad_accum))
     total_steps = tp.max_steps or tp.epochs * steps_per_epoch
@@ -96,51 +107,90 @@ def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = Non
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / tp.warmup_steps) if tp.warmup_steps else 1.0)
     tracker.set_tags({"family": params.model.family, "base": params.model.base, "lora_mode": params.lora.mode,
-                      "device": device})
+                      "device": device, "num_gpus": rank.world_size})
     tracker.log_metrics({"trainable_params": n_trainable, "train_pages": len(data)})
 
-    rng = random.Random(tp.seed)
+    rng = random.Random(tp.seed)  # same seed on every rank: all ranks draw the same global batches
     order: list[int] = []
     losses: list[float] = []
+    step_ends: list[float] = []
     model.train()
     start = time.time()
-    bar = tqdm(range(total_steps), desc="train", unit="step", disable=not progress)
+    bar = tqdm(range(total_steps), desc="train", unit="step", disable=not (progress and rank.is_main))
     for step in bar:
-        step_loss = 0.0
+        micro_batches = []
         for _ in range(tp.grad_accum):
             if len(order) < tp.batch_size:  # reshuffle every epoch, deterministically
                 order += rng.sample(range(len(data)), len(data))
-            batch_idx, order = order[: tp.batch_size], order[tp.batch_size:]
-            batch = to_device(pad_batch([data[i] for i in batch_idx], processor.tokenizer.pad_token_id, family),
+            micro_batches.append(order[: tp.batch_size])
+            order = order[tp.batch_size:]
+        # The step's loss is the mean over every target token of the global batch, as on one GPU. Each
+        # process weights its share by its token count; DDP averages gradients over processes, so the
+        # world-size factor turns that average back into the sum of the shares.
+        step_tokens = sum(target_tokens[i] for mb in micro_batches for i in mb)
+        step_loss = 0.0
+        for k, mb in enumerate(micro_batches):
+            mine = mb[rank.rank::rank.world_size]
+            batch = to_device(pad_batch([data[i] for i in mine], processor.tokenizer.pad_token_id, family),
                               device, dtype)
-            loss = model(**batch).loss / tp.grad_accum
-            loss.backward()
+            share = sum(target_tokens[i] for i in mine) / step_tokens
+            sync = k == len(micro_batches) - 1 or not rank.enabled  # all-reduce gradients once per step
+            with contextlib.nullcontext() if sync else model.no_sync():
+                loss = model(**batch).loss * share
+                (loss * rank.world_size).backward()
             step_loss += loss.item()
+        step_loss = distributed.sum_across(step_loss, rank, device)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss)
+        step_ends.append(time.time())  # loss.item() above waited for the GPU: these are real step times
+        if step == 0:
+            distributed.check_replicas_identical(peft_model, rank)
         bar.set_postfix(loss=f"{step_loss:.4f}")
         if step % tp.log_every == 0 or step == total_steps - 1:
             tracker.log_metric("train_loss", step_loss, step=step)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     seconds = time.time() - start
+    distributed.check_replicas_identical(peft_model, rank)
 
     out = Path(tp.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    write_json(out / RUN_INFO, {
-        "family": params.model.family, "base": params.model.base, "base_path": str(base_path),
-        "resolution": params.model.resolution, "lora": params.lora.model_dump(), "prompt": examples[0].prompt,
-        "trainable_params": n_trainable, "lora_modules": len(lora_modules(model)), "steps": total_steps,
-        "mlflow_run_id": tracker.run_id, "versions": versions(),
-    })
-    result = TrainResult(out, total_steps, losses, n_trainable, seconds)
-    if metrics_dir is not None:
-        write_train_metrics(result, len(data), Path(metrics_dir))
-    tracker.log_metrics({"final_loss": losses[-1], "train_seconds": seconds})
-    tracker.log_artifacts(out, artifact_path="adapter")
+    result = TrainResult(out, total_steps, losses, n_trainable, seconds,
+                         steady_pages_per_second(start, step_ends, tp.batch_size * tp.grad_accum), rank.world_size,
+                         peak_memory_gib(device), peft_model)
+    if rank.is_main:  # one writer: every rank holds the same adapter
+        out.mkdir(parents=True, exist_ok=True)
+        peft_model.save_pretrained(out)
+        write_json(out / RUN_INFO, {
+            "family": params.model.family, "base": params.model.base, "base_path": str(base_path),
+            "resolution": params.model.resolution, "lora": params.lora.model_dump(),
+            "prompt": examples[0].prompt, "trainable_params": n_trainable,
+            "lora_modules": len(lora_modules(peft_model)), "steps": total_steps, "num_gpus": rank.world_size,
+            "mlflow_run_id": tracker.run_id, "versions": versions(),
+        })
+        if metrics_dir is not None:
+            write_train_metrics(result, len(data), Path(metrics_dir))
+        tracker.log_metrics({"final_loss": losses[-1], "train_seconds": seconds,
+                             "pages_per_second": result.pages_per_second})
+        tracker.log_artifacts(out, artifact_path="adapter")
+    distributed.teardown()
     return result
+
+
+def steady_pages_per_second(start: float, step_ends: list[float], pages_per_step: int) -> float:
+    """Throughput after the first steps (CUDA start-up, kernel autotuning); over all steps when few."""
+    warm = min(3, len(step_ends) // 3)
+    if len(step_ends) - 1 - warm < 1:
+        return pages_per_step * len(step_ends) / max(step_ends[-1] - start, 1e-9)
+    return pages_per_step * (len(step_ends) - 1 - warm) / (step_ends[-1] - step_ends[warm])
+
+
+def peak_memory_gib(device: str) -> float | None:
+    if not device.startswith("cuda"):
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
 
 
 def write_train_metrics(result: TrainResult, pages: int, metrics_dir: Path) -> None:
@@ -149,7 +199,8 @@ def write_train_metrics(result: TrainResult, pages: int, metrics_dir: Path) -> N
     write_json(metrics_dir / "train.json", {
         "trainable_params": result.trainable_params, "steps": result.steps, "pages": pages,
         "first_loss": round(result.losses[0], 4), "final_loss": round(sum(tail) / len(tail), 4),
-        "seconds": round(result.seconds, 1),
+        "seconds": round(result.seconds, 1), "pages_per_second": round(result.pages_per_second, 3),
+        "num_gpus": result.num_gpus, "peak_memory_gib": result.peak_memory_gib,
     })
     with (metrics_dir / "train_loss.csv").open("w", newline="") as f:
         w = csv.writer(f)

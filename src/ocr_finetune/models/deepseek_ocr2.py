@@ -94,15 +94,41 @@ def tiny_config(tokenizer) -> DeepseekOcr2Config:
     )
 
 
-def build_tiny(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random DeepSeek-OCR-2 checkpoint (model, tokenizer, processor) to out_dir."""
+def full_config(tokenizer) -> DeepseekOcr2Config:
+    """DeepSeek-OCR-2's published sizes (3.39 B parameters) with this tokenizer's special-token ids: random
+    weights of the real shapes, for speed and memory benchmarks without a download."""
+    return DeepseekOcr2Config(
+        vision_config=dict(  # SAM ViT-B is the config default; the encoder is Qwen2-0.5B sized
+            encoder_config=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                num_attention_heads=14, num_key_value_heads=2, vocab_size=1,
+                                max_position_embeddings=32768, rope_parameters={"rope_type": "default",
+                                                                                "rope_theta": 1000000.0})),
+        text_config=dict(vocab_size=129280, hidden_size=1280, intermediate_size=6848, moe_intermediate_size=896,
+                         num_hidden_layers=12, num_attention_heads=10, num_key_value_heads=10, head_dim=128,
+                         n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2,
+                         mlp_layer_types=["dense"] + ["sparse"] * 11, max_position_embeddings=8192,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+
+
+def build_random(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> Path:
+    """Write a random DeepSeek-OCR-2 checkpoint (model, tokenizer, processor) to out_dir.
+
+    size `tiny`: toy sizes for CPU tests; `full`: the real shapes (benchmarks on a GPU; about 6.8 GB in bf16).
+    """
     out_dir = Path(out_dir)
     marker = out_dir / "tiny.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("version") == TINY_VERSION:
+    if marker.is_file() and json.loads(marker.read_text()) == {"version": TINY_VERSION, "seed": seed,
+                                                                 "family": NAME, "size": size}:
         return out_dir
     tokenizer = _tiny_tokenizer()
     torch.manual_seed(seed)
-    model = DeepseekOcr2ForConditionalGeneration(tiny_config(tokenizer))
+    config = tiny_config(tokenizer) if size == "tiny" else full_config(tokenizer)
+    with torch.device(device):
+        model = DeepseekOcr2ForConditionalGeneration(config).to(dtype)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
@@ -110,8 +136,12 @@ def build_tiny(out_dir: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(out_dir)
     processor = DeepseekOcr2Processor(image_processor=DeepseekOcr2ImageProcessorPil(), tokenizer=tokenizer)
     processor.save_pretrained(out_dir)
-    write_json(marker, {"version": TINY_VERSION, "seed": seed, "family": NAME})
+    write_json(marker, {"version": TINY_VERSION, "seed": seed, "family": NAME, "size": size})
     return out_dir
+
+
+def build_tiny(out_dir: str | Path, seed: int = 0) -> Path:
+    return build_random(out_dir, "tiny", seed)
 
 
 # ---------------------------------------------------------------- loading

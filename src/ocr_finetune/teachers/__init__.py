@@ -8,9 +8,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..metrics import cer, summarize
 from ..params import TeacherParams
-from ..pdf import RenderManifest
 from .base import PageInput, PageLabel, Teacher
 
 
@@ -25,6 +23,8 @@ def get_teacher(params: TeacherParams) -> Teacher:
 def label_pages(teacher: Teacher, pages_dir: str | Path, pdf_dir: str | Path, out_dir: str | Path,
                 progress: bool = True) -> list[PageLabel]:
     """Label every page in the render manifest; write `labels.jsonl` (one row per page, any status)."""
+    from ..pdf import RenderManifest  # here, not at the top: training imports PageLabel without PyMuPDF
+
     pages_dir, pdf_dir, out_dir = Path(pages_dir), Path(pdf_dir), Path(out_dir)
     manifest = RenderManifest.load(pages_dir / "manifest.json")
     inputs = [PageInput(p.doc, p.page, pages_dir / p.image, pdf_dir / f"{p.doc}.pdf") for p in manifest.pages]
@@ -53,6 +53,8 @@ def read_labels(path: str | Path) -> list[PageLabel]:
 
 def teacher_quality(labels: list[PageLabel], truth_dir: str | Path | None) -> dict:
     """CER of each labeled page against the ground truth `{doc}_p{N}.md`, where the user has one."""
+    from ..metrics import cer, summarize
+
     counts = {s: sum(1 for x in labels if x.status == s) for s in ("labeled", "unlabeled", "failed")}
     report = {"pages": len(labels), **counts, "cer": None, "per_page": []}
     if not truth_dir or not Path(truth_dir).is_dir():

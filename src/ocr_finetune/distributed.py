@@ -1,0 +1,110 @@
+"""Data-parallel training (DDP): one process per GPU, or per CPU process with the gloo backend.
+
+`torchrun` and `accelerate launch` start the processes and set RANK, LOCAL_RANK and WORLD_SIZE; `setup` reads
+them, so `train` runs unchanged under either. `relaunch` lets `dvc repro` and `ocr-finetune train` start
+torchrun themselves when `train.num_gpus` > 1, so a user never types the launcher.
+
+Batch semantics (the same whatever the GPU count, so a run on 2 GPUs reproduces the 1-GPU run):
+`train.batch_size` pages per forward pass in total, split evenly over the processes; `train.grad_accum` such
+passes per optimizer step. The learning rate belongs to that global batch and needs no scaling when
+`num_gpus` changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def under_launcher() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def process_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def setup(device: str) -> tuple[Dist, str]:
+    """Join the process group when started by a launcher; returns the ranks and this process's device."""
+    if not under_launcher():
+        return Dist(), device
+    d = Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ["WORLD_SIZE"]))
+    if device == "cuda":
+        if d.local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"process {d.rank} wants GPU {d.local_rank} but only {torch.cuda.device_count()} "
+                               f"are visible: lower train.num_gpus")
+        torch.cuda.set_device(d.local_rank)
+        device = f"cuda:{d.local_rank}"
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return d, device
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def sum_across(value: float, d: Dist, device: str) -> float:
+    if not d.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def parameters_digest(model) -> str:
+    """A hash of every trainable tensor: equal on all ranks when the replicas are in sync."""
+    h = hashlib.sha256()
+    for name, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_replicas_identical(model, d: Dist) -> bool:
+    """All ranks compare their trainable weights; raises if any replica drifted (a DDP bug or a
+    non-deterministic update), because the adapter rank 0 saves would then not be what the others trained."""
+    if not d.enabled:
+        return True
+    digests = [None] * d.world_size
+    dist.all_gather_object(digests, parameters_digest(model))
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"LoRA weights differ across ranks after training: {digests}")
+    return True
+
+
+def relaunch(num_gpus: int, target: list[str]) -> None:
+    """When num_gpus > 1 and no launcher started us, run `torchrun` on `target` and exit with its status.
+
+    `target` is what torchrun runs: a script path and its arguments, or ["-m", module, args...].
+    """
+    if num_gpus <= 1 or under_launcher():
+        return
+    if torch.cuda.is_available() and num_gpus > torch.cuda.device_count():
+        sys.exit(f"error: train.num_gpus={num_gpus} but {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_gpus}", *target]
+    print("launching:", " ".join(cmd), flush=True)
+    sys.exit(subprocess.call(cmd))

@@ -1,0 +1,73 @@
+"""Data-parallel training on CPU: 2 gloo processes started by `ocr-finetune train` itself (train.num_gpus=2)
+must train the same adapter, with the same loss curve, as 1 process at the same global batch."""
+
+import csv
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from test_cli import SAMPLES, cli, small_params
+
+from ocr_finetune.params import ParamsError, validate_params
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from ocr_finetune.dataset import build_dataset
+    from ocr_finetune.params import TeacherParams
+    from ocr_finetune.pdf import render_pages
+    from ocr_finetune.teachers import get_teacher, label_pages
+
+    tmp = tmp_path_factory.mktemp("ddp")
+    render_pages(SAMPLES, tmp / "pages", dpi=30, progress=False)
+    labels = label_pages(get_teacher(TeacherParams()), tmp / "pages", SAMPLES, tmp / "labels", progress=False)
+    build_dataset(labels, tmp / "pages", tmp / "ds", "<image>\nFree OCR.", 0.0, 0)
+    return tmp / "ds" / "train.jsonl"
+
+
+def losses(path):
+    with open(path) as f:
+        return [float(row["loss"]) for row in csv.DictReader(f)]
+
+
+def test_two_processes_train_what_one_trains(tmp_path, models_cache, dataset):
+    runs = {}
+    for n in (1, 2):
+        out = tmp_path / f"p{n}"
+        out.mkdir()
+        params = small_params(out, models_cache, lora={"mode": "both"},
+                              train={"num_gpus": n, "device": "cpu", "batch_size": 4, "max_steps": 3,
+                                     "max_label_tokens": 160, "learning_rate": 1e-3})
+        stdout = cli("train", "--params", params, "--dataset", dataset, "--output", out / "adapter",
+                     "--metrics-dir", out / "metrics")
+        runs[n] = out
+        assert f"on {n} process(es)" in stdout
+        if n == 2:
+            assert "torch.distributed.run" in stdout and "--nproc_per_node=2" in stdout
+
+    one, two = losses(runs[1] / "metrics" / "train_loss.csv"), losses(runs[2] / "metrics" / "train_loss.csv")
+    assert len(one) == len(two) == 3
+    # Same global batch, token-weighted loss: the curves agree to float rounding, not just in trend.
+    assert one == pytest.approx(two, rel=1e-4)
+
+    a = load_file(runs[1] / "adapter" / "adapter_model.safetensors")
+    b = load_file(runs[2] / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    diff = torch.cat([(a[k] - b[k]).flatten() for k in a]).norm()
+    ref = torch.cat([a[k].flatten() for k in a]).norm()
+    assert ref > 0 and diff / ref < 1e-3, float(diff / ref)
+
+    # rank 0 alone logs: one MLflow run for the 2-process training
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'p2' / 'mlflow.db'}")
+    runs_logged = mlflow.search_runs(experiment_names=["ocr-finetune"], output_format="list")
+    assert len(runs_logged) == 1
+    assert runs_logged[0].data.tags["num_gpus"] == "2"
+
+
+def test_batch_must_split_evenly_over_gpus():
+    with pytest.raises(ParamsError, match="train.*batch_size \\(3\\) must be a multiple of num_gpus \\(2\\)"):
+        validate_params({"train": {"batch_size": 3, "num_gpus": 2}})
