@@ -80,7 +80,7 @@ def verify(mode: str, base: Path, data: Path, work: Path, args) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--work", default="/tmp/verify")
+    ap.add_argument("--work", default="/tmp/ddp_bench")
     ap.add_argument("--family", default="deepseek-ocr2")
     ap.add_argument("--modes", nargs="+", default=["vision", "llm", "both"])
     ap.add_argument("--resolution", default="gundam")
@@ -94,8 +94,8 @@ def main():
     args = ap.parse_args()
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = full_model(work / "model")
-    data = synthetic_pages(work / "data", n=args.batch)  # one fixed batch: the loss must fall on it
+    base = full_model(work / "model-full")
+    data = synthetic_pages(work / "data-verify", n=args.batch)  # one fixed batch: the loss must fall on it
     rows = []
     for mode in args.modes:
         try:
