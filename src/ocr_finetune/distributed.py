@@ -106,5 +106,7 @@ def relaunch(num_gpus: int, target: list[str]) -> None:
     if torch.cuda.is_available() and num_gpus > torch.cuda.device_count():
         sys.exit(f"error: train.num_gpus={num_gpus} but {torch.cuda.device_count()} CUDA GPU(s) are visible")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_gpus}", *target]
+    # torchrun would pin every process to one CPU thread; batching pages on the CPU needs more.
+    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // num_gpus)), **os.environ}
     print("launching:", " ".join(cmd), flush=True)
-    sys.exit(subprocess.call(cmd))
+    sys.exit(subprocess.call(cmd, env=env))

@@ -9,10 +9,13 @@ import contextlib
 import csv
 import json
 import math
+import queue
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -63,14 +66,33 @@ def pad_batch(items, pad_id: int, family) -> dict:
 
 
 def to_device(batch: dict, device: str, dtype: torch.dtype) -> dict:
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            v = v.to(device)
-            if v.is_floating_point():
-                v = v.to(dtype)
-        out[k] = v
-    return out
+    """Move tensors to the device; floating ones (pixels) in the model's dtype, cast before the copy."""
+    return {k: (v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+                if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def prefetch(items: Iterator, depth: int = 2) -> Iterator:
+    """Produce the next items in a background thread while the GPU works on the current one.
+
+    Batching full pages means concatenating and copying ~30 MB of pixels per page; done inline, the GPU
+    waits for it every step. torch releases the GIL in those ops, so a thread is enough (no worker processes).
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def work():
+        try:
+            for item in items:
+                q.put(item)
+        except BaseException as e:  # re-raised in the training loop
+            q.put(e)
+        q.put(done)
+
+    threading.Thread(target=work, daemon=True).start()
+    while (item := q.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = None,
@@ -97,6 +119,9 @@ def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = Non
         raise ValueError(f"{train_jsonl} has no examples: nothing to train on")
     data = [family.encode_example(processor, load_image(e.image), e.prompt, e.target, tp.max_label_tokens)
             for e in tqdm(examples, desc="encode", unit="page", disable=not (progress and rank.is_main))]
+    for x in data:  # pixels kept in the model's dtype: half the memory and copying in bf16
+        x.pixel = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                   for k, v in x.pixel.items()}
     # Tokens the loss is taken over (labels are shifted by one inside the model).
     target_tokens = [int((x.labels[1:] != -100).sum()) for x in data]
 
@@ -110,30 +135,35 @@ def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = Non
                       "device": device, "num_gpus": rank.world_size})
     tracker.log_metrics({"trainable_params": n_trainable, "train_pages": len(data)})
 
-    rng = random.Random(tp.seed)  # same seed on every rank: all ranks draw the same global batches
-    order: list[int] = []
+    def batches():  # per step: its micro-batches (global page indices) and this process's tensors for each
+        rng = random.Random(tp.seed)  # same seed on every rank: all ranks draw the same global batches
+        order: list[int] = []
+        for _ in range(total_steps):
+            micro_batches = []
+            for _ in range(tp.grad_accum):
+                if len(order) < tp.batch_size:  # reshuffle every epoch, deterministically
+                    order += rng.sample(range(len(data)), len(data))
+                micro_batches.append(order[: tp.batch_size])
+                order = order[tp.batch_size:]
+            yield micro_batches, [
+                to_device(pad_batch([data[i] for i in mb[rank.rank::rank.world_size]],
+                                    processor.tokenizer.pad_token_id, family), device, dtype)
+                for mb in micro_batches]
+
     losses: list[float] = []
     step_ends: list[float] = []
     model.train()
     start = time.time()
-    bar = tqdm(range(total_steps), desc="train", unit="step", disable=not (progress and rank.is_main))
-    for step in bar:
-        micro_batches = []
-        for _ in range(tp.grad_accum):
-            if len(order) < tp.batch_size:  # reshuffle every epoch, deterministically
-                order += rng.sample(range(len(data)), len(data))
-            micro_batches.append(order[: tp.batch_size])
-            order = order[tp.batch_size:]
+    bar = tqdm(prefetch(batches()), total=total_steps, desc="train", unit="step",
+               disable=not (progress and rank.is_main))
+    for step, (micro_batches, tensors) in enumerate(bar):
         # The step's loss is the mean over every target token of the global batch, as on one GPU. Each
         # process weights its share by its token count; DDP averages gradients over processes, so the
         # world-size factor turns that average back into the sum of the shares.
         step_tokens = sum(target_tokens[i] for mb in micro_batches for i in mb)
         step_loss = 0.0
-        for k, mb in enumerate(micro_batches):
-            mine = mb[rank.rank::rank.world_size]
-            batch = to_device(pad_batch([data[i] for i in mine], processor.tokenizer.pad_token_id, family),
-                              device, dtype)
-            share = sum(target_tokens[i] for i in mine) / step_tokens
+        for k, (mb, batch) in enumerate(zip(micro_batches, tensors)):
+            share = sum(target_tokens[i] for i in mb[rank.rank::rank.world_size]) / step_tokens
             sync = k == len(micro_batches) - 1 or not rank.enabled  # all-reduce gradients once per step
             with contextlib.nullcontext() if sync else model.no_sync():
                 loss = model(**batch).loss * share
