@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from ocr_finetune.dataset import make_record  # noqa: E402
-from ocr_finetune.models.deepseek_ocr2 import build_random  # noqa: E402
+from ocr_finetune.models import get_family  # noqa: E402
 
 # The device machines share their GPUs' host: NVLink multicast stays off (device README).
 for key, value in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
@@ -34,7 +34,8 @@ WORDS = ("invoice total amount revenue quarter table report summary net income o
          "account balance schedule meeting agenda section figure note page date signature address").split()
 
 
-def full_model(path: str | Path, size: str = "full") -> Path:
+def full_model(path: str | Path, size: str = "full", family: str = "deepseek-ocr2") -> Path:
+    build_random = get_family(family).build_random
     if size == "tiny":
         return build_random(path, "tiny")
     return build_random(path, "full", device="cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)

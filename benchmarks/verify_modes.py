@@ -77,6 +77,42 @@ def verify(mode: str, base: Path, data: Path, work: Path, args) -> dict:
     return row
 
 
+def v1_checks(base: Path, data: Path) -> dict:
+    """The full-size v1 checkpoint (saved under v1's remote-code weight names) loads into the native class with
+    no missing or unexpected keys; our PIL image processor matches transformers' torchvision one per preset."""
+    import numpy as np
+    from safetensors import safe_open
+    from transformers import UnlimitedOcrForConditionalGeneration
+    from transformers.models.unlimited_ocr.image_processing_unlimited_ocr import UnlimitedOcrImageProcessor
+
+    family = get_family("deepseek-ocr")
+    keys = []
+    for shard in sorted(base.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            keys += list(f.keys())
+    model, info = UnlimitedOcrForConditionalGeneration.from_pretrained(
+        base, config=family.load_config(base), dtype=torch.bfloat16, output_loading_info=True)
+    out = {"checkpoint_tensors": len(keys), "v1_names": sum(k.startswith(("model.sam_model.", "model.vision_model.",
+                                                                          "model.layers.")) for k in keys),
+           "parameters": sum(p.numel() for p in model.parameters()),
+           "missing_keys": len(info["missing_keys"]), "unexpected_keys": len(info["unexpected_keys"]),
+           "mismatched_keys": len(info["mismatched_keys"]), "processor_max_abs_diff": {}}
+    del model
+    image = load_image(read_jsonl(data)[0].image)
+    for preset, kwargs in family.RESOLUTIONS.items():
+        ours = family.UnlimitedOcrImageProcessorPil(**kwargs)(image, return_tensors="pt")
+        ref = UnlimitedOcrImageProcessor(**kwargs)(image, return_tensors="pt")
+        diffs = {k: float((ours[k].float() - ref[k].float()).abs().max()) for k in ("pixel_values", "pixel_values_local")
+                 if k in ref}
+        same_layout = (ours["num_local_patches"] == ref["num_local_patches"]
+                       and ours["patches_grid"] == ref["patches_grid"] and set(ours.keys()) == set(ref.keys()))
+        out["processor_max_abs_diff"][preset] = {**diffs, "same_tiles": bool(same_layout),
+                                                 "mean_abs_diff": float(np.mean([
+                                                     (ours[k].float() - ref[k].float()).abs().mean().item()
+                                                     for k in diffs]))}
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -94,8 +130,11 @@ def main():
     args = ap.parse_args()
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = full_model(work / "model-full")
+    base = full_model(work / ("model-full" if args.family == "deepseek-ocr2" else f"model-full-{args.family}"),
+                      family=args.family)
     data = synthetic_pages(work / "data-verify", n=args.batch)  # one fixed batch: the loss must fall on it
+    checks = v1_checks(base, data) if args.family == "deepseek-ocr" else {}
+    print(json.dumps(checks), flush=True)
     rows = []
     for mode in args.modes:
         try:
@@ -108,7 +147,7 @@ def main():
     name = f"verify_{args.family}{'_experts' if args.experts else ''}.json"
     (out / name).write_text(json.dumps({"benchmark": "verify_modes", "family": args.family,
                                         "resolution": args.resolution, "env": environment(args.commit),
-                                        "rows": rows}, indent=2) + "\n")
+                                        "checks": checks, "rows": rows}, indent=2) + "\n")
     print(f"{'mode':8s} {'trainable':>12s} {'loss0':>7s} {'loss30':>7s} {'s/step':>7s} {'peak GiB':>8s} {'reload':>7s}")
     for r in rows:
         if "error" in r:

@@ -23,3 +23,11 @@ def tiny_dir(tmp_path_factory):
 def models_cache(tiny_dir):
     """A model.cache_dir that already holds the tiny checkpoint."""
     return tiny_dir.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_v1_dir(models_cache):
+    """A tiny DeepSeek-OCR (v1 architecture, native UnlimitedOcr class) beside it, saved under v1's names."""
+    from ocr_finetune.models.deepseek_ocr import build_tiny
+
+    return build_tiny(models_cache / "tiny-deepseek-ocr")

@@ -53,3 +53,10 @@ def test_stage_stops_before_any_work(tmp_path):
     assert r.returncode != 0
     assert "lora.mode" in r.stderr and "vision, llm, both" in r.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_resolution_must_be_a_preset_of_the_family():
+    msg = error_for({"model": {"family": "deepseek-ocr", "resolution": "nocrop"}})
+    assert "model" in msg and "tiny, small, base, large, gundam" in msg
+    assert "nocrop, gundam" in error_for({"model": {"resolution": "large"}})
+    assert "mode llm or both" in error_for({"lora": {"mode": "vision", "experts": True}})

@@ -10,25 +10,26 @@ from .params import ParamsError, load_params
 
 
 def _params(args):
-    params = load_params(args.params)
-    for override in getattr(args, "set", None) or []:
-        params = apply_override(params, override)
-    return params
+    return apply_overrides(load_params(args.params), getattr(args, "set", None) or [])
 
 
-def apply_override(params, override: str):
-    """`section.key=value` (as in `dvc exp run -S`), validated like params.yaml."""
+def apply_overrides(params, overrides: list[str]):
+    """`section.key=value` pairs (as in `dvc exp run -S`), applied together and then validated like
+    params.yaml (together, so that e.g. a family and its resolution can change in one command)."""
     import yaml
 
     from .params import validate_params
 
-    if "=" not in override or "." not in override.split("=", 1)[0]:
-        raise ParamsError(f"--set {override!r}: expected section.key=value")
-    key, value = override.split("=", 1)
+    if not overrides:
+        return params
     raw = params.model_dump()
-    section, name = key.split(".", 1)
-    raw.setdefault(section, {})[name] = yaml.safe_load(value)
-    return validate_params(raw, f"--set {override}")
+    for override in overrides:
+        if "=" not in override or "." not in override.split("=", 1)[0]:
+            raise ParamsError(f"--set {override!r}: expected section.key=value")
+        key, value = override.split("=", 1)
+        section, name = key.split(".", 1)
+        raw.setdefault(section, {})[name] = yaml.safe_load(value)
+    return validate_params(raw, "--set " + " ".join(overrides))
 
 
 def cmd_pdf2img(args):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .lora import attach_lora, lora_modules, trainable_parameters
+from .lora import attach_lora_from_params, lora_modules, trainable_parameters
 from .models import get_family
 from .params import Params
 
@@ -14,13 +14,15 @@ def lora_summary(params: Params, mode: str) -> dict:
     path = family.checkpoint_dir(params.model.base, params.model.cache_dir, params.model.allow_download)
     model = family.load_model(path, torch.float32, "cpu")
     total = sum(p.numel() for p in model.parameters())
-    peft_model = attach_lora(model, family.lora_targets(mode), params.lora.r, params.lora.alpha, 0.0)
+    lora = params.lora.model_copy(update={"mode": mode, "experts": params.lora.experts and mode != "vision"})
+    peft_model = attach_lora_from_params(model, family, lora)
     modules = lora_modules(peft_model)
     return {"mode": mode, "modules": modules, "trainable": trainable_parameters(peft_model), "total": total}
 
 
 def describe_lora(params: Params, modes=None, list_modules: bool = False) -> str:
-    lines = [f"family {params.model.family}, base {params.model.base}, LoRA r={params.lora.r}"]
+    lines = [f"family {params.model.family}, base {params.model.base}, LoRA r={params.lora.r}"
+             + (", routed experts too" if params.lora.experts else "")]
     for mode in modes or ["vision", "llm", "both"]:
         s = lora_summary(params, mode)
         lines.append(f"{mode:>6}: {len(s['modules'])} modules, {s['trainable']:,} trainable of {s['total']:,} "

@@ -11,9 +11,19 @@ from safetensors.torch import load_file
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def attach_lora(model, targets: str, r: int, alpha: int, dropout: float) -> PeftModel:
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+def attach_lora(model, targets: str, r: int, alpha: int, dropout: float,
+                target_parameters: list[str] | None = None) -> PeftModel:
+    """LoRA on the modules whose full path matches `targets`, and on parameters (the fused routed experts,
+    which are 3-D tensors, not nn.Linear) named in `target_parameters`."""
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+                        target_parameters=target_parameters or None)
     return get_peft_model(model, config)
+
+
+def attach_lora_from_params(model, family, lora) -> PeftModel:
+    """attach_lora as `params.lora` asks (mode, rank, alpha, dropout, experts) for this family."""
+    return attach_lora(model, family.lora_targets(lora.mode), lora.r, lora.alpha, lora.dropout,
+                       family.EXPERT_PARAMETERS if lora.experts else None)
 
 
 def trainable_parameters(model) -> int:
@@ -21,8 +31,13 @@ def trainable_parameters(model) -> int:
 
 
 def lora_modules(model) -> list[str]:
-    """Names of the modules that carry a LoRA adapter."""
-    return [name for name, m in model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A) > 0]
+    """Names of the modules (and adapted parameters, for the experts) that carry a LoRA adapter."""
+    names = []
+    for name, m in model.named_modules():
+        if hasattr(m, "lora_A") and len(m.lora_A) > 0:
+            parameter = getattr(m, "parameter_name", None)  # ParamWrapper: LoRA on a parameter, not a Linear
+            names.append(f"{name}[{parameter}]" if parameter else name)
+    return names
 
 
 def load_adapter(base_model, adapter_dir: str | Path) -> PeftModel:

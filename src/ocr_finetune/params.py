@@ -63,14 +63,33 @@ class DatasetParams(_Section):
         return v
 
 
+# Image-view presets per family (the family modules' RESOLUTIONS; a test keeps the two in step). Listed here
+# so that checking params does not import transformers.
+RESOLUTIONS = {
+    "deepseek-ocr2": ("nocrop", "gundam"),
+    "deepseek-ocr": ("tiny", "small", "base", "large", "gundam"),
+}
+
+
 class ModelParams(_Section):
-    family: Literal["deepseek-ocr2"] = "deepseek-ocr2"
+    family: Literal["deepseek-ocr2", "deepseek-ocr"] = "deepseek-ocr2"
     # `tiny` builds a small random model offline; otherwise a hub id or a local checkpoint directory.
     base: str = "tiny"
     cache_dir: str = "models/base"
-    # Image views fed to the model: `nocrop` = one 768px view (145 tokens); `gundam` = 1024px + up to 6 tiles.
-    resolution: Literal["nocrop", "gundam"] = "nocrop"
+    # Image views fed to the model, the same in train and infer (saved with the adapter):
+    # deepseek-ocr2: nocrop (one 768px view, 145 tokens) | gundam (1024px + up to 6 tiles of 768px)
+    # deepseek-ocr: tiny 512 | small 640 | base 1024 | large 1280 (one view) | gundam (1024px + up to 9 of 640px)
+    resolution: str = "nocrop"
     allow_download: bool = True
+    load_in_4bit: bool = False  # QLoRA: base weights in 4 bits (bitsandbytes, CUDA only)
+
+    @model_validator(mode="after")
+    def _resolution(self):
+        allowed = RESOLUTIONS[self.family]
+        if self.resolution not in allowed:
+            raise ValueError(f"resolution {self.resolution!r} is not a preset of {self.family} "
+                             f"(allowed values: {', '.join(allowed)})")
+        return self
 
 
 class LoraParams(_Section):
@@ -78,6 +97,13 @@ class LoraParams(_Section):
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    experts: bool = False  # also adapt the routed experts (fused parameters, through PEFT target_parameters)
+
+    @model_validator(mode="after")
+    def _experts_in_llm(self):
+        if self.experts and self.mode == "vision":
+            raise ValueError("experts: true adapts the language model's experts; use mode llm or both")
+        return self
 
 
 class TrainParams(_Section):

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, distributed
 from .dataset import read_jsonl
-from .lora import attach_lora, lora_modules, trainable_parameters
+from .lora import attach_lora_from_params, lora_modules, trainable_parameters
 from .models import get_family
 from .models.base import load_image, write_json
 from .params import Params
@@ -49,7 +49,26 @@ class TrainResult:
 def load_base(params: Params, device: str, dtype: torch.dtype):
     family = get_family(params.model.family)
     path = family.checkpoint_dir(params.model.base, params.model.cache_dir, params.model.allow_download)
-    return family, family.load_model(path, dtype, device), family.load_processor(path, params.model.resolution), path
+    extra = quantization(dtype, device) if params.model.load_in_4bit else {}
+    model = family.load_model(path, dtype, device, **extra)
+    return family, model, family.load_processor(path, params.model.resolution), path
+
+
+def quantization(dtype: torch.dtype, device: str) -> dict:
+    """QLoRA loading: language-model weights in 4-bit NF4; the vision towers, projector and head stay in
+    `dtype` (small, and the adapters on them need real weights)."""
+    if not device.startswith("cuda"):
+        raise ValueError("model.load_in_4bit needs a CUDA GPU (bitsandbytes); set it to false on CPU")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ValueError("model.load_in_4bit needs bitsandbytes: pip install 'ocr-finetune[gpu]'") from None
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=dtype,
+                                llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
+    return {"quantization_config": config, "device_map": {"": device}}
 
 
 def pad_batch(items, pad_id: int, family) -> dict:
@@ -104,8 +123,7 @@ def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = Non
     dtype = pick_dtype(tp.dtype, device.split(":")[0])
 
     family, model, processor, base_path = load_base(params, device, dtype)
-    model = attach_lora(model, family.lora_targets(params.lora.mode), params.lora.r, params.lora.alpha,
-                        params.lora.dropout)
+    model = attach_lora_from_params(model, family, params.lora)
     if tp.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -8,6 +8,7 @@ from types import ModuleType
 
 FAMILIES = {
     "deepseek-ocr2": "ocr_finetune.models.deepseek_ocr2",
+    "deepseek-ocr": "ocr_finetune.models.deepseek_ocr",
 }
 
 

@@ -7,7 +7,6 @@ so everything runs offline on a CPU.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -19,18 +18,19 @@ from transformers import (
     DeepseekOcr2Processor,
 )
 
-from .base import Encoded, ModelLoadError, resolve_checkpoint, write_json
+from . import _deepseek
+from ._deepseek import EXPERT_PARAMETERS, collate_pixels, encode_example, generation_inputs  # noqa: F401
+from .base import ModelLoadError
 
 NAME = "deepseek-ocr2"
 DEFAULT_CHECKPOINT = "deepseek-community/DeepSeek-OCR-2"
-BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
-TINY_VERSION = 1  # bump when the tiny architecture or tokenizer changes, so cached copies are rebuilt
 
-# Resolution presets (issue 3 adds the rest): token counts are 256 + 144 * tiles + 1 for OCR-2.
+# Image views per page. Token counts: 256 (1024px global view) + 144 per 768px tile + 1 separator.
 RESOLUTIONS = {
     # One 768px view, no tiles: 145 image tokens. The processor would count a 1024 global view (257 tokens)
     # unless `size` is 768 too, so both are set together.
     "nocrop": {"crop_to_patches": False, "size": {"height": 768, "width": 768}},
+    # 1024px global view + 2..6 tiles of 768px for pages larger than one tile (0 tiles otherwise).
     "gundam": {"crop_to_patches": True, "size": {"height": 1024, "width": 1024}, "min_patches": 2,
                "max_patches": 6},
 }
@@ -51,28 +51,7 @@ def lora_targets(mode: str) -> str:
     return LORA_TARGETS[mode]
 
 
-# ---------------------------------------------------------------- tiny model, built offline
-
-def _tiny_tokenizer():
-    """A byte-level BPE trained in code on fixed text: covers every string, downloads nothing."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from ..samples import DOCUMENTS, pages_markdown
-
-    corpus = [md for spec in DOCUMENTS.values() for md in pages_markdown(spec["blocks"])]
-    corpus += ["Convert the document to markdown.", "| --- | --- |", "0123456789 .,;:!?()[]{}#*-+=/%&@"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = [BOS, EOS, PAD, "<image>", "<|User|>", "<|Assistant|>", "<|grounding|>"]
-    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   extra_special_tokens={"image_token": "<image>"},
-                                   model_max_length=4096)
-
+# ---------------------------------------------------------------- random models, built offline
 
 def tiny_config(tokenizer) -> DeepseekOcr2Config:
     """The real architecture at toy sizes. SAM's own init range (1e-10) would give every page the same
@@ -87,9 +66,7 @@ def tiny_config(tokenizer) -> DeepseekOcr2Config:
         text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
                          num_experts_per_tok=2, n_shared_experts=1, mlp_layer_types=["dense", "sparse"],
-                         max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         initializer_range=0.1),
+                         max_position_embeddings=4096, initializer_range=0.1, **_deepseek.special_ids(tokenizer)),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
     )
 
@@ -107,37 +84,20 @@ def full_config(tokenizer) -> DeepseekOcr2Config:
                          num_hidden_layers=12, num_attention_heads=10, num_key_value_heads=10, head_dim=128,
                          n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2,
                          mlp_layer_types=["dense"] + ["sparse"] * 11, max_position_embeddings=8192,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
+                         **_deepseek.special_ids(tokenizer)),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
     )
 
 
 def build_random(out_dir: str | Path, size: str = "tiny", seed: int = 0, device: str = "cpu",
                  dtype: torch.dtype = torch.float32) -> Path:
-    """Write a random DeepSeek-OCR-2 checkpoint (model, tokenizer, processor) to out_dir.
-
-    size `tiny`: toy sizes for CPU tests; `full`: the real shapes (benchmarks on a GPU; about 6.8 GB in bf16).
-    """
-    out_dir = Path(out_dir)
-    marker = out_dir / "tiny.json"
-    if marker.is_file() and json.loads(marker.read_text()) == {"version": TINY_VERSION, "seed": seed,
-                                                                 "family": NAME, "size": size}:
-        return out_dir
-    tokenizer = _tiny_tokenizer()
-    torch.manual_seed(seed)
+    """A random checkpoint: `tiny` for CPU tests, `full` (the real shapes, ~6.8 GB in bf16) for GPU benchmarks."""
+    tokenizer = _deepseek.tiny_tokenizer()
     config = tiny_config(tokenizer) if size == "tiny" else full_config(tokenizer)
-    with torch.device(device):
-        model = DeepseekOcr2ForConditionalGeneration(config).to(dtype)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
     processor = DeepseekOcr2Processor(image_processor=DeepseekOcr2ImageProcessorPil(), tokenizer=tokenizer)
-    processor.save_pretrained(out_dir)
-    write_json(marker, {"version": TINY_VERSION, "seed": seed, "family": NAME, "size": size})
-    return out_dir
+    marker = {"version": _deepseek.TINY_VERSION, "seed": seed, "family": NAME, "size": size}
+    return _deepseek.save_random(DeepseekOcr2ForConditionalGeneration, config, processor, Path(out_dir), marker,
+                                 device, dtype, seed)
 
 
 def build_tiny(out_dir: str | Path, seed: int = 0) -> Path:
@@ -147,70 +107,19 @@ def build_tiny(out_dir: str | Path, seed: int = 0) -> Path:
 # ---------------------------------------------------------------- loading
 
 def checkpoint_dir(base: str, cache_dir: str | Path, allow_download: bool = True) -> Path:
-    if base == "tiny":
-        return build_tiny(Path(cache_dir) / "tiny")
-    return resolve_checkpoint(base, cache_dir, allow_download, size_hint="about 6.8 GB")
+    return _deepseek.checkpoint_dir(base, cache_dir, allow_download, "tiny", build_tiny, "about 6.8 GB")
 
 
 def load_processor(path: str | Path, resolution: str) -> DeepseekOcr2Processor:
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = DeepseekOcr2ImageProcessorPil.from_pretrained(path, **RESOLUTIONS[resolution])
-    return DeepseekOcr2Processor(image_processor=image_processor, tokenizer=tokenizer)
+    return _deepseek.with_preset(DeepseekOcr2Processor(image_processor=image_processor, tokenizer=tokenizer),
+                                 RESOLUTIONS[resolution])
 
 
-def load_model(path: str | Path, dtype: torch.dtype, device: str):
+def load_model(path: str | Path, dtype: torch.dtype, device: str, **kwargs):
     try:
-        model = DeepseekOcr2ForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        model = DeepseekOcr2ForConditionalGeneration.from_pretrained(path, dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load a DeepSeek-OCR-2 checkpoint from {path}: {e}") from None
-    return model.to(device)
-
-
-# ---------------------------------------------------------------- inputs
-
-def encode_prompt(processor, image, prompt: str) -> dict:
-    """Tokenise BOS + prompt with the image's placeholder tokens expanded; returns processor tensors (batch 1)."""
-    tok = processor.tokenizer
-    return processor(images=[image], text=[tok.bos_token + prompt], add_special_tokens=False, return_tensors="pt")
-
-
-def encode_example(processor, image, prompt: str, target: str, max_label_tokens: int) -> Encoded:
-    enc = encode_prompt(processor, image, prompt)
-    tok = processor.tokenizer
-    prompt_ids = enc["input_ids"][0]
-    target_ids = tok(target, add_special_tokens=False)["input_ids"][: max_label_tokens - 1] + [tok.eos_token_id]
-    target_ids = torch.tensor(target_ids, dtype=prompt_ids.dtype)
-    # The loss sees only the target: BOS, prompt text and every image token are masked.
-    labels = torch.cat([torch.full_like(prompt_ids, -100), target_ids])
-    return Encoded(input_ids=torch.cat([prompt_ids, target_ids]), labels=labels, pixel=_pixel(enc))
-
-
-def _pixel(enc) -> dict:
-    out = {"pixel_values": enc["pixel_values"], "num_local_patches": enc["num_local_patches"].tolist()}
-    if "pixel_values_local" in enc:
-        out["pixel_values_local"] = enc["pixel_values_local"]
-    return out
-
-
-def collate_pixels(pixels: list[dict]) -> dict:
-    """Batch per-example image tensors; pages may have different numbers of tiles."""
-    batch = {"pixel_values": torch.cat([p["pixel_values"] for p in pixels]),
-             "num_local_patches": [n for p in pixels for n in p["num_local_patches"]]}
-    local = [p["pixel_values_local"] for p in pixels if "pixel_values_local" in p]
-    if local:
-        batch["pixel_values_local"] = torch.cat(local)
-    return batch
-
-
-def generation_inputs(processor, images, prompt: str) -> tuple[dict, int]:
-    """Left-padded batch of prompts for generate(); returns (inputs, prompt length)."""
-    encs = [encode_prompt(processor, im, prompt) for im in images]
-    pad = processor.tokenizer.pad_token_id
-    width = max(e["input_ids"].shape[1] for e in encs)
-    ids = torch.full((len(encs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(encs), width), dtype=torch.long)
-    for i, e in enumerate(encs):
-        n = e["input_ids"].shape[1]
-        ids[i, width - n:] = e["input_ids"][0]
-        mask[i, width - n:] = 1
-    return {"input_ids": ids, "attention_mask": mask, **collate_pixels([_pixel(e) for e in encs])}, width
+    return model if "device_map" in kwargs else model.to(device)

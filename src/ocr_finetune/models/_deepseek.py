@@ -1,0 +1,141 @@
+"""What the DeepSeek-OCR families share: the prompt format, label masking, batching of image views, and the
+offline tokenizer of the tiny test models.
+
+Both native processors expand `<image>` into the right number of image tokens and return the page's views
+(`pixel_values` global, `pixel_values_local` tiles, `num_local_patches`, and for v1 `patches_grid`); the
+model reads them by name, so one encoder/collator serves both families.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .base import Encoded, resolve_checkpoint, write_json
+
+BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
+TINY_VERSION = 1  # bump when a tiny architecture or the tokenizer changes, so cached copies are rebuilt
+TENSOR_VIEWS = ("pixel_values", "pixel_values_local")
+# The routed experts are fused 3-D parameters, not nn.Linear: PEFT adapts them through `target_parameters`.
+EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+LIST_VIEWS = ("num_local_patches", "patches_grid")
+
+
+def tiny_tokenizer():
+    """A byte-level BPE trained in code on fixed text: covers every string, downloads nothing."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ..samples import DOCUMENTS, pages_markdown
+
+    corpus = [md for spec in DOCUMENTS.values() for md in pages_markdown(spec["blocks"])]
+    corpus += ["Convert the document to markdown.", "| --- | --- |", "0123456789 .,;:!?()[]{}#*-+=/%&@"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = [BOS, EOS, PAD, "<image>", "<|User|>", "<|Assistant|>", "<|grounding|>"]
+    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   extra_special_tokens={"image_token": "<image>"},
+                                   model_max_length=4096)
+
+
+def special_ids(tokenizer) -> dict:
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id}
+
+
+def save_random(model_cls, config, processor, out_dir: Path, marker: dict, device: str, dtype: torch.dtype,
+                seed: int) -> Path:
+    """Write a random checkpoint (model, tokenizer, processor) like a downloaded one, once per marker."""
+    stamp = out_dir / "tiny.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == marker:
+        return out_dir
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = model_cls(config).to(dtype)
+    for key, value in special_ids(processor.tokenizer).items():
+        setattr(model.generation_config, key, value)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    write_json(stamp, marker)
+    return out_dir
+
+
+def checkpoint_dir(base: str, cache_dir: str | Path, allow_download: bool, tiny_name: str, build_tiny,
+                   size_hint: str) -> Path:
+    if base == "tiny":
+        return build_tiny(Path(cache_dir) / tiny_name)
+    return resolve_checkpoint(base, cache_dir, allow_download, size_hint=size_hint)
+
+
+# ---------------------------------------------------------------- inputs
+
+def with_preset(processor, preset: dict):
+    """Attach a resolution preset to a processor. It must be passed on every call: the processor class's own
+    `images_kwargs` defaults (OCR-2: crop_to_patches=True, 2..6 tiles) override the image processor's
+    settings, so a preset set only on the image processor would tile pages anyway."""
+    processor.resolution_preset = dict(preset)
+    return processor
+
+
+def encode_prompt(processor, image, prompt: str) -> dict:
+    """Tokenise BOS + prompt with the image's placeholder tokens expanded; returns processor tensors (batch 1)."""
+    tok = processor.tokenizer
+    return processor(images=[image], text=[tok.bos_token + prompt], add_special_tokens=False, return_tensors="pt",
+                     **getattr(processor, "resolution_preset", {}))
+
+
+def encode_example(processor, image, prompt: str, target: str, max_label_tokens: int) -> Encoded:
+    enc = encode_prompt(processor, image, prompt)
+    tok = processor.tokenizer
+    prompt_ids = enc["input_ids"][0]
+    target_ids = tok(target, add_special_tokens=False)["input_ids"][: max_label_tokens - 1] + [tok.eos_token_id]
+    target_ids = torch.tensor(target_ids, dtype=prompt_ids.dtype)
+    # The loss sees only the target: BOS, prompt text and every image token are masked.
+    labels = torch.cat([torch.full_like(prompt_ids, -100), target_ids])
+    return Encoded(input_ids=torch.cat([prompt_ids, target_ids]), labels=labels, pixel=views(enc))
+
+
+def views(enc) -> dict:
+    """One page's image inputs, as the processor returned them."""
+    out = {k: enc[k] for k in TENSOR_VIEWS if k in enc}
+    out.update({k: _as_list(enc[k]) for k in LIST_VIEWS if k in enc})
+    return out
+
+
+def _as_list(value):
+    return value.tolist() if isinstance(value, torch.Tensor) else list(value)
+
+
+def collate_pixels(pixels: list[dict]) -> dict:
+    """Batch per-page image inputs; pages may have different numbers of tiles (tiles are concatenated and
+    `num_local_patches` says whose they are)."""
+    batch = {}
+    for key in TENSOR_VIEWS:
+        parts = [p[key] for p in pixels if key in p]
+        if parts:
+            batch[key] = torch.cat(parts)
+    for key in LIST_VIEWS:
+        if any(key in p for p in pixels):
+            batch[key] = [x for p in pixels for x in p[key]]
+    return batch
+
+
+def generation_inputs(processor, images, prompt: str) -> tuple[dict, int]:
+    """Left-padded batch of prompts for generate(); returns (inputs, prompt length)."""
+    encs = [encode_prompt(processor, im, prompt) for im in images]
+    pad = processor.tokenizer.pad_token_id
+    width = max(e["input_ids"].shape[1] for e in encs)
+    ids = torch.full((len(encs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(encs), width), dtype=torch.long)
+    for i, e in enumerate(encs):
+        n = e["input_ids"].shape[1]
+        ids[i, width - n:] = e["input_ids"][0]
+        mask[i, width - n:] = 1
+    return {"input_ids": ids, "attention_mask": mask, **collate_pixels([views(e) for e in encs])}, width

@@ -1,0 +1,167 @@
+"""Both model families on tiny configs: presets and their token counts, LoRA targets per mode (experts
+included), exact adapter round trips, mixed page sizes at batch > 1, and v1's original weight layout."""
+
+import json
+import re
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors import safe_open
+
+from ocr_finetune.lora import attach_lora_from_params, load_adapter, lora_modules, trainable_parameters
+from ocr_finetune.models import FAMILIES, get_family
+from ocr_finetune.params import RESOLUTIONS, LoraParams
+from ocr_finetune.train import pad_batch
+
+PROMPT = "<image>\nFree OCR."
+
+
+@pytest.fixture
+def checkpoints(tiny_dir, tiny_v1_dir):
+    return {"deepseek-ocr2": tiny_dir, "deepseek-ocr": tiny_v1_dir}
+
+
+def page(size=(300, 400), box=None):
+    im = Image.new("RGB", size, "white")
+    ImageDraw.Draw(im).rectangle(box or [20, 20, size[0] - 20, size[1] // 2], fill="black")
+    return im
+
+
+def image_tokens(processor, ex) -> int:
+    return int((ex.input_ids == processor.tokenizer.convert_tokens_to_ids("<image>")).sum())
+
+
+def test_params_presets_match_the_family_modules():
+    assert set(RESOLUTIONS) == set(FAMILIES)
+    for name in FAMILIES:
+        assert tuple(get_family(name).RESOLUTIONS) == RESOLUTIONS[name]
+
+
+# v1's published modes: vision tokens q*q (64/100/256/400); the processor adds a newline per row and one
+# separator, and gundam 10x10 per 640px tile (+ a newline per tile row) beside the 1024 global view.
+V1_GLOBAL = {"tiny": 8, "small": 10, "base": 16, "large": 20}
+
+
+@pytest.mark.parametrize("preset", list(V1_GLOBAL))
+def test_v1_single_view_presets_have_the_published_token_counts(tiny_v1_dir, preset):
+    family = get_family("deepseek-ocr")
+    processor = family.load_processor(tiny_v1_dir, preset)
+    ex = family.encode_example(processor, page((1200, 1600)), PROMPT, "x", 8)
+    q = V1_GLOBAL[preset]
+    assert image_tokens(processor, ex) == q * (q + 1) + 1
+    assert ex.pixel["pixel_values"].shape[-1] == q * 64 and ex.pixel["num_local_patches"] == [0]
+
+
+def test_v1_gundam_tiles_at_most_nine_of_640(tiny_v1_dir):
+    family = get_family("deepseek-ocr")
+    processor = family.load_processor(tiny_v1_dir, "gundam")
+    for size in ((1200, 1600), (900, 4000), (3000, 3000)):
+        ex = family.encode_example(processor, page(size), PROMPT, "x", 8)
+        (cols, rows), n = ex.pixel["patches_grid"][0], ex.pixel["num_local_patches"][0]
+        assert n == cols * rows and 2 <= n <= 9, size
+        assert ex.pixel["pixel_values_local"].shape[1:] == (3, 640, 640)
+        assert image_tokens(processor, ex) == 16 * 17 + 1 + (rows * 10) * (cols * 10 + 1)
+
+
+def test_ocr2_presets_token_counts(tiny_dir):
+    family = get_family("deepseek-ocr2")
+    nocrop = family.load_processor(tiny_dir, "nocrop")
+    assert image_tokens(nocrop, family.encode_example(nocrop, page((1200, 1600)), PROMPT, "x", 8)) == 145
+    gundam = family.load_processor(tiny_dir, "gundam")
+    small = family.encode_example(gundam, page((600, 700)), PROMPT, "x", 8)  # fits one tile: no crops
+    assert small.pixel["num_local_patches"] == [0] and image_tokens(gundam, small) == 257
+    big = family.encode_example(gundam, page((1240, 1754)), PROMPT, "x", 8)
+    assert big.pixel["num_local_patches"] == [6] and image_tokens(gundam, big) == 256 + 144 * 6 + 1
+
+
+# r=16 on the tiny configs, pinned: a change in targeting shows up here. (modules, trainable parameters)
+PINNED = {
+    ("deepseek-ocr2", "vision", False): (22, 36_864), ("deepseek-ocr2", "llm", False): (14, 30_208),
+    ("deepseek-ocr2", "both", False): (36, 67_072), ("deepseek-ocr2", "llm", True): (16, 44_544),
+    ("deepseek-ocr", "vision", False): (20, 38_912), ("deepseek-ocr", "llm", False): (14, 30_208),
+    ("deepseek-ocr", "both", False): (34, 69_120), ("deepseek-ocr", "both", True): (36, 83_456),
+}
+
+
+@pytest.mark.parametrize("family_name,mode,experts", list(PINNED))
+def test_lora_targets_are_scoped_to_their_tower(checkpoints, family_name, mode, experts):
+    family = get_family(family_name)
+    model = family.load_model(checkpoints[family_name], torch.float32, "cpu")
+    peft_model = attach_lora_from_params(model, family, LoraParams(mode=mode, experts=experts))
+    modules = lora_modules(peft_model)
+    assert (len(modules), trainable_parameters(peft_model)) == PINNED[(family_name, mode, experts)]
+    in_llm = [m for m in modules if ".language_model." in m]
+    in_vision = [m for m in modules if ".vision_tower." in m]
+    assert len(in_llm) + len(in_vision) == len(modules)  # never the projector, lm_head or SAM's conv proj
+    assert bool(in_llm) == (mode != "vision") and bool(in_vision) == (mode != "llm")
+    assert not any(re.search(r"sam_encoder\.proj|multi_modal_projector|lm_head", m) for m in modules)
+    assert any("experts" in m and "shared" not in m for m in modules) == experts
+
+
+@pytest.mark.parametrize("family_name,mode,experts", [
+    ("deepseek-ocr2", "both", True), ("deepseek-ocr", "vision", False), ("deepseek-ocr", "llm", False),
+    ("deepseek-ocr", "both", True)])
+def test_adapter_round_trips_exactly(checkpoints, tmp_path, family_name, mode, experts):
+    """Saved, then reloaded the way evaluate/infer load it: the same logits as the in-memory model."""
+    family, path = get_family(family_name), checkpoints[family_name]
+    processor = family.load_processor(path, "gundam")
+    ex = family.encode_example(processor, page((900, 1300)), PROMPT, "# Hello world", 32)
+    inputs = {"input_ids": ex.input_ids[None], "attention_mask": torch.ones_like(ex.input_ids)[None],
+              **family.collate_pixels([ex.pixel])}
+    with torch.no_grad():
+        base_logits = family.load_model(path, torch.float32, "cpu")(**inputs).logits
+    torch.manual_seed(0)
+    tuned = attach_lora_from_params(family.load_model(path, torch.float32, "cpu"), family,
+                                    LoraParams(mode=mode, r=8, alpha=16, experts=experts))
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_B" in name:  # a trained adapter: B is no longer zero
+                p.normal_(0, 0.5)
+    tuned.eval()
+    with torch.no_grad():
+        tuned_logits = tuned(**inputs).logits
+    assert not torch.allclose(tuned_logits, base_logits, atol=1e-4)
+    tuned.save_pretrained(tmp_path / "adapter")
+    reloaded = load_adapter(family.load_model(path, torch.float32, "cpu"), tmp_path / "adapter")
+    with torch.no_grad():
+        reloaded_logits = reloaded(**inputs).logits
+    assert torch.allclose(reloaded_logits, tuned_logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family_name", ["deepseek-ocr2", "deepseek-ocr"])
+def test_pages_of_different_sizes_train_in_one_batch(checkpoints, family_name):
+    """Crop mode gives pages different tile and token counts (what broke batch > 1 elsewhere)."""
+    family, path = get_family(family_name), checkpoints[family_name]
+    processor = family.load_processor(path, "gundam")
+    pages = [page((600, 700)), page((1240, 1754)), page((2000, 900))]
+    items = [family.encode_example(processor, im, PROMPT, text, 32)
+             for im, text in zip(pages, ["# A", "| a | b |\n| --- | --- |", "long text " * 5])]
+    assert len({image_tokens(processor, x) for x in items}) == 3
+    model = attach_lora_from_params(family.load_model(path, torch.float32, "cpu"), family, LoraParams())
+    batch = pad_batch(items, processor.tokenizer.pad_token_id, family)
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+               if p.requires_grad and "lora_B" in n)  # A gets none while B is still zero
+
+
+def test_v1_checkpoint_uses_the_original_weight_names_and_loads_without_gaps(tiny_v1_dir):
+    with safe_open(tiny_v1_dir / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    # deepseek-ai/DeepSeek-OCR's remote-code layout: sam_model/vision_model/projector, fused CLIP qkv_proj,
+    # one tensor per routed expert.
+    assert any(k.startswith("model.sam_model.blocks.0.attn.qkv") for k in keys)
+    assert any(k.endswith("self_attn.qkv_proj.weight") and "vision_model.transformer" in k for k in keys)
+    assert "model.projector.layers.weight" in keys and "model.view_seperator" in keys
+    assert any(re.fullmatch(r"model\.layers\.1\.mlp\.experts\.0\.gate_proj\.weight", k) for k in keys)
+    from transformers import UnlimitedOcrForConditionalGeneration
+
+    family = get_family("deepseek-ocr")
+    model, info = UnlimitedOcrForConditionalGeneration.from_pretrained(
+        tiny_v1_dir, config=family.load_config(tiny_v1_dir), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert model.config.text_config.layer_types == ["full_attention"] * 2  # v1 attends to all it generated
+    config = json.loads((tiny_v1_dir / "config.json").read_text())
+    assert config["model_type"] == "unlimited_ocr"
