@@ -25,12 +25,13 @@ from ocr_finetune.lora import load_adapter
 from ocr_finetune.models import get_family
 from ocr_finetune.models.base import load_image
 from ocr_finetune.params import validate_params
-from ocr_finetune.train import pad_batch, to_device, train
+from ocr_finetune.train import load_base, pad_batch, to_device, train
 
 
 def verify(mode: str, base: Path, data: Path, work: Path, args) -> dict:
     params = validate_params({
-        "model": {"family": args.family, "base": str(base), "resolution": args.resolution, "allow_download": False},
+        "model": {"family": args.family, "base": str(base), "resolution": args.resolution, "allow_download": False,
+                  "load_in_4bit": args.load_in_4bit},
         "lora": {"mode": mode, "experts": args.experts} if args.experts else {"mode": mode},
         "train": {"max_steps": args.steps, "batch_size": args.batch, "learning_rate": args.lr,
                   "max_label_tokens": args.label_tokens, "device": "cuda", "dtype": "bfloat16",
@@ -56,7 +57,7 @@ def verify(mode: str, base: Path, data: Path, work: Path, args) -> dict:
     del trained, result.model
     gc.collect()
     torch.cuda.empty_cache()
-    reloaded = load_adapter(family.load_model(base, torch.bfloat16, "cuda"), result.adapter_dir)
+    reloaded = load_adapter(load_base(params, "cuda", torch.bfloat16)[1], result.adapter_dir)
     with torch.inference_mode():
         disk_logits = reloaded(**batch).logits.float()
         with reloaded.disable_adapter():
@@ -67,6 +68,7 @@ def verify(mode: str, base: Path, data: Path, work: Path, args) -> dict:
         "loss_finite": all(math.isfinite(x) for x in result.losses), "loss_fell": result.losses[-1] < result.losses[0],
         "s_per_step": round(args.batch / result.pages_per_second, 3), "pages_per_second": round(result.pages_per_second, 2),
         "peak_memory_gib": result.peak_memory_gib, "wall_seconds": round(seconds, 1),
+        "weights_gib": round(sum(p.numel() * p.element_size() for p in reloaded.parameters()) / 2**30, 2),
         "reload_max_abs_logit_diff": float((disk_logits - mem_logits).abs().max()),
         "adapter_changes_logits": float((disk_logits - plain_logits).abs().max()),
     }
@@ -126,6 +128,7 @@ def main():
     ap.add_argument("--label-tokens", type=int, default=1000)
     ap.add_argument("--experts", action="store_true")
     ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--load-in-4bit", action="store_true")
     ap.add_argument("--commit")
     args = ap.parse_args()
     work, out = Path(args.work), Path(args.out)
@@ -144,7 +147,7 @@ def main():
             gc.collect()
             torch.cuda.empty_cache()
         print(json.dumps(rows[-1]), flush=True)
-    name = f"verify_{args.family}{'_experts' if args.experts else ''}.json"
+    name = f"verify_{args.family}{'_experts' if args.experts else ''}{'_4bit' if args.load_in_4bit else ''}.json"
     (out / name).write_text(json.dumps({"benchmark": "verify_modes", "family": args.family,
                                         "resolution": args.resolution, "env": environment(args.commit),
                                         "checks": checks, "rows": rows}, indent=2) + "\n")

@@ -8,23 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
-from test_cli import SAMPLES, cli, small_params
+from test_cli import cli, small_params
 
 from ocr_finetune.params import ParamsError, validate_params
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    from ocr_finetune.dataset import build_dataset
-    from ocr_finetune.params import TeacherParams
-    from ocr_finetune.pdf import render_pages
-    from ocr_finetune.teachers import get_teacher, label_pages
-
-    tmp = tmp_path_factory.mktemp("ddp")
-    render_pages(SAMPLES, tmp / "pages", dpi=30, progress=False)
-    labels = label_pages(get_teacher(TeacherParams()), tmp / "pages", SAMPLES, tmp / "labels", progress=False)
-    build_dataset(labels, tmp / "pages", tmp / "ds", "<image>\nFree OCR.", 0.0, 0)
-    return tmp / "ds" / "train.jsonl"
 
 
 def losses(path):
@@ -32,7 +18,7 @@ def losses(path):
         return [float(row["loss"]) for row in csv.DictReader(f)]
 
 
-def test_two_processes_train_what_one_trains(tmp_path, models_cache, dataset):
+def test_two_processes_train_what_one_trains(tmp_path, models_cache, sample_dataset):
     runs = {}
     for n in (1, 2):
         out = tmp_path / f"p{n}"
@@ -40,7 +26,7 @@ def test_two_processes_train_what_one_trains(tmp_path, models_cache, dataset):
         params = small_params(out, models_cache, lora={"mode": "both"},
                               train={"num_gpus": n, "device": "cpu", "batch_size": 4, "max_steps": 3,
                                      "max_label_tokens": 160, "learning_rate": 1e-3})
-        stdout = cli("train", "--params", params, "--dataset", dataset, "--output", out / "adapter",
+        stdout = cli("train", "--params", params, "--dataset", sample_dataset, "--output", out / "adapter",
                      "--metrics-dir", out / "metrics")
         runs[n] = out
         assert f"on {n} process(es)" in stdout

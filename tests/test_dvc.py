@@ -34,7 +34,8 @@ def set_param(repo, key, value):
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, models_cache):
     repo = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.split()  # committed or not: the working tree
     files += [str(p.relative_to(ROOT)) for p in (ROOT / "data" / "samples").rglob("*") if p.is_file()]
     for f in set(files):
         if f.startswith(("tests/", "dvc.lock", "metrics/")) or not (ROOT / f).is_file():

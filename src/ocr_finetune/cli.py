@@ -79,6 +79,8 @@ def cmd_train(args):
     distributed.relaunch(params.train.num_gpus, ["-m", "ocr_finetune.cli", *args.argv])
     if args.output:
         params.train.output_dir = args.output
+    if args.resume:
+        params.train.resume = "require"
     with start_run(params.tracking, run_name=f"lora-{params.lora.mode}", params=params) as tracker:
         result = train(params, args.dataset, tracker=tracker, metrics_dir=args.metrics_dir)
     if distributed.process_rank() == 0:
@@ -98,6 +100,18 @@ def cmd_evaluate(args):
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(json.dumps(result["summary"], indent=2))
+    return 0
+
+
+def cmd_export(args):
+    from .export import export_merged, export_vllm_lora
+
+    params = _params(args)
+    if args.format == "merged":
+        out = export_merged(params, args.adapter, args.output)
+    else:
+        out = export_vllm_lora(args.adapter, args.output)
+    print(f"exported {args.adapter} as {args.format} to {out}")
     return 0
 
 
@@ -144,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="data/dataset/train.jsonl")
     p.add_argument("--output", help="adapter directory (default: train.output_dir)")
     p.add_argument("--metrics-dir", default=None)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run from its last checkpoint (error if there is none)")
     p.set_defaults(func=cmd_train)
 
     p = with_params(sub.add_parser("evaluate", help="base vs fine-tuned CER/WER on a JSONL dataset"))
@@ -158,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["vision", "llm", "both"])
     p.add_argument("--modules", action="store_true", help="list every targeted module")
     p.set_defaults(func=cmd_inspect)
+
+    p = with_params(sub.add_parser("export", help="merge an adapter into full weights, or export it for vLLM"))
+    p.add_argument("--adapter", default="models/adapter")
+    p.add_argument("--output", "-o", default="models/export")
+    p.add_argument("--format", choices=["merged", "vllm-lora"], default="merged",
+                   help="merged: full weights (any LoRA mode); vllm-lora: an `llm` adapter under vLLM's names")
     return ap
 
 
@@ -167,9 +189,17 @@ def main(argv=None) -> int:
     args.argv = argv  # `train` re-runs itself under torchrun with the same arguments
     try:
         return args.func(args)
-    except ParamsError as e:
+    except (ParamsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # the user's own mistakes get one line; anything else keeps its traceback
+        from .dataset import DatasetError
+        from .models.base import ModelLoadError
+
+        if isinstance(e, (DatasetError, ModelLoadError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -122,6 +122,10 @@ class TrainParams(_Section):
     gradient_checkpointing: bool = False
     log_every: int = Field(1, ge=1)
     output_dir: str = "models/adapter"
+    # Interrupted runs continue from the last checkpoint (same params and data) instead of restarting.
+    save_every: int = Field(50, ge=0)  # steps between checkpoints; 0 = none
+    checkpoint_dir: str = "models/checkpoints"  # not a DVC output, so `dvc repro` keeps it for resuming
+    resume: Literal["auto", "never", "require"] = "auto"
 
     @model_validator(mode="after")
     def _split(self):

@@ -22,10 +22,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import __version__, distributed
+from .checkpoint import Checkpoints, fingerprint
 from .dataset import read_jsonl
 from .lora import attach_lora_from_params, lora_modules, trainable_parameters
 from .models import get_family
-from .models.base import load_image, write_json
+from .models.base import checkpoint_source, load_image, write_json
 from .params import Params
 from .runtime import pick_device, pick_dtype, seed_everything
 from .tracking import Tracker
@@ -150,31 +151,48 @@ def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = Non
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / tp.warmup_steps) if tp.warmup_steps else 1.0)
     tracker.set_tags({"family": params.model.family, "base": params.model.base, "lora_mode": params.lora.mode,
-                      "device": device, "num_gpus": rank.world_size})
+                      "base_revision": checkpoint_source(base_path).get("revision"), "device": device,
+                      "num_gpus": rank.world_size, **{f"version.{k}": v for k, v in versions().items()}})
     tracker.log_metrics({"trainable_params": n_trainable, "train_pages": len(data)})
 
-    def batches():  # per step: its micro-batches (global page indices) and this process's tensors for each
-        rng = random.Random(tp.seed)  # same seed on every rank: all ranks draw the same global batches
-        order: list[int] = []
-        for _ in range(total_steps):
-            micro_batches = []
-            for _ in range(tp.grad_accum):
-                if len(order) < tp.batch_size:  # reshuffle every epoch, deterministically
-                    order += rng.sample(range(len(data)), len(data))
-                micro_batches.append(order[: tp.batch_size])
-                order = order[tp.batch_size:]
+    # Every step's micro-batches (global page indices), drawn up front with the same seed on every rank, so
+    # all ranks agree and a resumed run continues the same sequence.
+    rng = random.Random(tp.seed)
+    order: list[int] = []
+    plan: list[list[list[int]]] = []
+    for _ in range(total_steps):
+        plan.append([])
+        for _ in range(tp.grad_accum):
+            if len(order) < tp.batch_size:  # reshuffle every epoch, deterministically
+                order += rng.sample(range(len(data)), len(data))
+            plan[-1].append(order[: tp.batch_size])
+            order = order[tp.batch_size:]
+
+    checkpoints = Checkpoints(tp.checkpoint_dir, fingerprint(params, train_jsonl))
+    state = checkpoints.load() if tp.resume != "never" else None
+    if state is None and tp.resume == "require":
+        raise FileNotFoundError(f"train.resume=require but {checkpoints.path} does not exist (no checkpoint of a "
+                                f"run with these params and data)")
+    first_step, losses = 0, []
+    if state is not None:
+        Checkpoints.restore(state, peft_model, optimizer, schedule)
+        first_step, losses = state["step"], list(state["losses"])
+        if rank.is_main:
+            print(f"resuming from step {first_step} of {total_steps} ({checkpoints.path})", flush=True)
+
+    def batches():  # this process's tensors for each remaining step
+        for micro_batches in plan[first_step:]:
             yield micro_batches, [
                 to_device(pad_batch([data[i] for i in mb[rank.rank::rank.world_size]],
                                     processor.tokenizer.pad_token_id, family), device, dtype)
                 for mb in micro_batches]
 
-    losses: list[float] = []
     step_ends: list[float] = []
     model.train()
     start = time.time()
-    bar = tqdm(prefetch(batches()), total=total_steps, desc="train", unit="step",
+    bar = tqdm(prefetch(batches()), initial=first_step, total=total_steps, desc="train", unit="step",
                disable=not (progress and rank.is_main))
-    for step, (micro_batches, tensors) in enumerate(bar):
+    for step, (micro_batches, tensors) in enumerate(bar, start=first_step):
         # The step's loss is the mean over every target token of the global batch, as on one GPU. Each
         # process weights its share by its token count; DDP averages gradients over processes, so the
         # world-size factor turns that average back into the sum of the shares.
@@ -194,8 +212,10 @@ def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = Non
         optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss)
         step_ends.append(time.time())  # loss.item() above waited for the GPU: these are real step times
-        if step == 0:
+        if step == first_step:
             distributed.check_replicas_identical(peft_model, rank)
+        if tp.save_every and (step + 1) % tp.save_every == 0 and step + 1 < total_steps and rank.is_main:
+            checkpoints.save(step + 1, losses, peft_model, optimizer, schedule)
         bar.set_postfix(loss=f"{step_loss:.4f}")
         if step % tp.log_every == 0 or step == total_steps - 1:
             tracker.log_metric("train_loss", step_loss, step=step)
@@ -209,10 +229,12 @@ def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = Non
                          steady_pages_per_second(start, step_ends, tp.batch_size * tp.grad_accum), rank.world_size,
                          peak_memory_gib(device), peft_model)
     if rank.is_main:  # one writer: every rank holds the same adapter
+        checkpoints.clear()  # finished: a rerun trains afresh
         out.mkdir(parents=True, exist_ok=True)
         peft_model.save_pretrained(out)
         write_json(out / RUN_INFO, {
             "family": params.model.family, "base": params.model.base, "base_path": str(base_path),
+            "base_source": checkpoint_source(base_path),
             "resolution": params.model.resolution, "lora": params.lora.model_dump(),
             "prompt": examples[0].prompt, "trainable_params": n_trainable,
             "lora_modules": len(lora_modules(peft_model)), "steps": total_steps, "num_gpus": rank.world_size,

@@ -29,6 +29,9 @@ def slug(repo_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "--", repo_id)
 
 
+SOURCE = "ocr_finetune_source.json"  # written into a downloaded checkpoint: where and which revision
+
+
 def resolve_checkpoint(base: str, cache_dir: str | Path, allow_download: bool, size_hint: str) -> Path:
     """A local checkpoint directory for `base` (a local path or a hub id), downloading it on first use."""
     local = Path(base)
@@ -40,19 +43,30 @@ def resolve_checkpoint(base: str, cache_dir: str | Path, allow_download: bool, s
     if not allow_download:
         raise ModelLoadError(f"{base} is not in {target} and model.allow_download is false. Download it by hand: "
                              f"`huggingface-cli download {base} --local-dir {target}`")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     print(f"model.base={base} is not in {target}: downloading it from the Hugging Face Hub ({size_hint}). "
           f"Set HF_TOKEN for gated or private models.", flush=True)
+    token = os.environ.get("HF_TOKEN") or None
     try:
-        snapshot_download(repo_id=base, local_dir=target, token=os.environ.get("HF_TOKEN") or None)
+        revision = HfApi().model_info(base, token=token).sha  # pin what we download, and record it
+        snapshot_download(repo_id=base, revision=revision, local_dir=target, token=token)
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
         raise ModelLoadError(
             f"could not download {base} ({type(e).__name__}: {e}). If this machine is offline, download it "
             f"elsewhere with `huggingface-cli download {base} --local-dir {target}` and copy the folder here, "
             f"or set model.base to a local checkpoint directory.") from None
+    write_json(target / SOURCE, {"repo_id": base, "revision": revision})
     return target
+
+
+def checkpoint_source(path: str | Path) -> dict:
+    """Where a checkpoint came from: hub id and revision when we downloaded it, else just its path."""
+    path = Path(path)
+    if (path / SOURCE).is_file():
+        return json.loads((path / SOURCE).read_text(encoding="utf-8"))
+    return {"path": str(path)}
 
 
 def load_image(path: str | Path) -> Image.Image:

@@ -1,0 +1,86 @@
+"""Export: merged weights under the original checkpoint names that compute what base + adapter computes, and
+an `llm` adapter renamed for vLLM whose every tensor maps back to a weight of the original checkpoint."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+from ocr_finetune.export import checkpoint_keys, export_merged, export_vllm_lora
+from ocr_finetune.lora import attach_lora_from_params, load_adapter
+from ocr_finetune.models import get_family
+from ocr_finetune.models.base import write_json
+from ocr_finetune.params import LoraParams, validate_params
+from ocr_finetune.train import RUN_INFO
+
+
+def trained_adapter(family_name, path, folder, mode):
+    """An adapter as `train` leaves it: weights (B no longer zero) and the run info naming its base."""
+    family = get_family(family_name)
+    torch.manual_seed(0)
+    model = attach_lora_from_params(family.load_model(path, torch.float32, "cpu"), family,
+                                    LoraParams(mode=mode, r=4, alpha=8))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    model.save_pretrained(folder)
+    write_json(folder / RUN_INFO, {"family": family_name, "base": "tiny", "resolution": "gundam"})
+    return folder
+
+
+def inputs(family, path):
+    processor = family.load_processor(path, "gundam")
+    im = Image.new("RGB", (900, 1300), "white")
+    ImageDraw.Draw(im).rectangle([40, 40, 600, 500], fill="black")
+    ex = family.encode_example(processor, im, "<image>\nFree OCR.", "# Title", 16)
+    return {"input_ids": ex.input_ids[None], "attention_mask": torch.ones_like(ex.input_ids)[None],
+            **family.collate_pixels([ex.pixel])}
+
+
+@pytest.mark.parametrize("family_name,fixture", [("deepseek-ocr2", "tiny_dir"), ("deepseek-ocr", "tiny_v1_dir")])
+def test_merged_export_keeps_the_original_names_and_the_adapter(request, tmp_path, models_cache, family_name,
+                                                                 fixture):
+    path = request.getfixturevalue(fixture)
+    family = get_family(family_name)
+    adapter = trained_adapter(family_name, path, tmp_path / "adapter", "both")
+    params = validate_params({"model": {"family": family_name, "cache_dir": str(models_cache),
+                                        "resolution": "gundam"}})
+    out = export_merged(params, adapter, tmp_path / "merged", dtype=torch.float32)
+
+    assert checkpoint_keys(out) == checkpoint_keys(path)  # every tensor under its original name and shape
+    batch = inputs(family, path)
+    with torch.no_grad():
+        expected = load_adapter(family.load_model(path, torch.float32, "cpu"), adapter)(**batch).logits
+        merged = family.load_model(out, torch.float32, "cpu")(**batch).logits
+        base = family.load_model(path, torch.float32, "cpu")(**batch).logits
+    assert torch.allclose(merged, expected, rtol=0, atol=1e-4), (merged - expected).abs().max()
+    assert not torch.allclose(merged, base, atol=1e-3)
+    assert json.loads((out / RUN_INFO).read_text())["exported_as"] == "merged"
+
+
+def test_vllm_lora_export_maps_every_tensor_to_an_original_weight(tmp_path, tiny_dir):
+    adapter = trained_adapter("deepseek-ocr2", tiny_dir, tmp_path / "adapter", "llm")
+    out = export_vllm_lora(adapter, tmp_path / "vllm")
+    weights = load_file(out / "adapter_model.safetensors")
+    original = checkpoint_keys(tiny_dir)
+    assert weights
+    for key, tensor in weights.items():
+        assert key.startswith("base_model.model.model.layers."), key
+        module = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+        out_features, in_features = original[f"{module}.weight"]
+        if ".lora_A." in key:
+            assert tensor.shape[1] == in_features, key
+        else:
+            assert tensor.shape[0] == out_features, key
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"}
+
+
+def test_vllm_lora_export_refuses_a_vision_adapter(tmp_path, tiny_dir):
+    adapter = trained_adapter("deepseek-ocr2", tiny_dir, tmp_path / "adapter", "vision")
+    with pytest.raises(ValueError, match="language model's linear layers only.*merged"):
+        export_vllm_lora(adapter, tmp_path / "vllm")

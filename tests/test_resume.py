@@ -1,0 +1,63 @@
+"""An interrupted training resumes from its last checkpoint and ends exactly where an uninterrupted run ends."""
+
+import csv
+import subprocess
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from test_cli import cli, small_params
+
+
+def run_params(folder, models_cache, checkpoints):
+    folder.mkdir()
+    return small_params(folder, models_cache, lora={"mode": "both"},
+                        train={"max_steps": 12, "save_every": 2, "checkpoint_dir": str(checkpoints),
+                               "batch_size": 2, "max_label_tokens": 48, "device": "cpu"},
+                        tracking={"enabled": False})
+
+
+def train_args(params, folder, dataset):
+    return ["train", "--params", params, "--dataset", dataset, "--output", folder / "adapter",
+            "--metrics-dir", folder / "metrics"]
+
+
+def losses(folder):
+    with open(folder / "metrics" / "train_loss.csv") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+def test_killed_run_resumes_where_it_stopped(tmp_path, models_cache, sample_dataset):
+    ref = tmp_path / "ref"
+    cli(*train_args(run_params(ref, models_cache, tmp_path / "ckpt-ref"), ref, sample_dataset))
+
+    run, checkpoints = tmp_path / "run", tmp_path / "ckpt"
+    args = train_args(run_params(run, models_cache, checkpoints), run, sample_dataset)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(checkpoints.glob("*/state.pt")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL: no cleanup, as when a machine goes away
+    proc.wait()
+    assert not (run / "adapter").exists(), "the run finished before it could be interrupted"
+    saved_at = torch.load(next(checkpoints.glob("*/state.pt")), weights_only=True)["step"]
+    assert 2 <= saved_at < 12
+
+    out = cli(*args, "--resume")
+    assert f"resuming from step {saved_at} of 12" in out
+    assert losses(run) == losses(ref)  # the full curve, first steps restored from the checkpoint
+    a, b = load_file(run / "adapter" / "adapter_model.safetensors"), load_file(ref / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+    assert not list(checkpoints.glob("*/state.pt"))  # finished runs leave no checkpoint behind
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path, models_cache, sample_dataset):
+    folder = tmp_path / "x"
+    params = run_params(folder, models_cache, tmp_path / "none")
+    r = subprocess.run([sys.executable, str(ROOT / "main.py"), *map(str, train_args(params, folder, sample_dataset)),
+                        "--resume"], capture_output=True, text=True)
+    assert r.returncode != 0 and "train.resume=require" in r.stderr
