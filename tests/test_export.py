@@ -84,3 +84,19 @@ def test_vllm_lora_export_refuses_a_vision_adapter(tmp_path, tiny_dir):
     adapter = trained_adapter("deepseek-ocr2", tiny_dir, tmp_path / "adapter", "vision")
     with pytest.raises(ValueError, match="language model's linear layers only.*merged"):
         export_vllm_lora(adapter, tmp_path / "vllm")
+
+
+def test_export_command(tmp_path, tiny_dir, models_cache):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    adapter = trained_adapter("deepseek-ocr2", tiny_dir, tmp_path / "adapter", "llm")
+    for fmt in ("merged", "vllm-lora"):
+        r = subprocess.run([sys.executable, str(ROOT / "main.py"), "export", "--params", str(ROOT / "params.yaml"),
+                            "-S", f"model.cache_dir={models_cache}", "--adapter", str(adapter),
+                            "--output", str(tmp_path / fmt), "--format", fmt], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert f"as {fmt}" in r.stdout and (tmp_path / fmt / "adapter_config.json" if fmt == "vllm-lora"
+                                             else tmp_path / fmt / "config.json").is_file()

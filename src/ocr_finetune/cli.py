@@ -180,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", default="models/export")
     p.add_argument("--format", choices=["merged", "vllm-lora"], default="merged",
                    help="merged: full weights (any LoRA mode); vllm-lora: an `llm` adapter under vLLM's names")
+    p.set_defaults(func=cmd_export)
     return ap
 
 
