@@ -8,12 +8,16 @@ from common import params
 from ocr_finetune.teachers import get_teacher, label_pages, teacher_quality
 
 p = params()
-labels = label_pages(get_teacher(p.teacher), p.data.pages_dir, p.data.pdf_dir, p.data.labels_dir)
+teacher = get_teacher(p)
+labels = label_pages(teacher, p.data.pages_dir, p.data.pdf_dir, p.data.labels_dir)
 quality = teacher_quality(labels, p.data.truth_dir)
+if getattr(teacher, "usage", None) is not None:  # API teacher: requests, retries, failures, tokens
+    quality["requests"] = teacher.usage.summary()
 Path("metrics").mkdir(exist_ok=True)
 per_page = quality.pop("per_page")
 Path("metrics/teacher.json").write_text(json.dumps(quality, indent=2) + "\n", encoding="utf-8")
 Path("metrics/teacher_pages.json").write_text(json.dumps(per_page, indent=2, ensure_ascii=False) + "\n",
                                               encoding="utf-8")
-print(f"teacher_label: {quality['labeled']} labeled, {quality['unlabeled']} unlabeled, {quality['failed']} failed;"
-      f" CER vs truth {quality['cer']}")
+print(f"teacher_label: {quality['labeled']} labeled, {quality['unlabeled']} unlabeled, {quality['failed']} failed, "
+      f"{quality['degenerate']} degenerate; CER vs truth {quality['cer']}" +
+      (f"; requests {quality['requests']}" if "requests" in quality else ""))

@@ -37,13 +37,13 @@ def tiny_v1_dir(models_cache):
 def sample_dataset(tmp_path_factory):
     """train.jsonl over every labeled page of the sample corpus, rendered small (30 dpi)."""
     from ocr_finetune.dataset import build_dataset
-    from ocr_finetune.params import TeacherParams
+    from ocr_finetune.params import Params
     from ocr_finetune.pdf import render_pages
     from ocr_finetune.teachers import get_teacher, label_pages
 
     samples = ROOT / "data" / "samples" / "pdfs"
     tmp = tmp_path_factory.mktemp("samples_ds")
     render_pages(samples, tmp / "pages", dpi=30, progress=False)
-    labels = label_pages(get_teacher(TeacherParams()), tmp / "pages", samples, tmp / "labels", progress=False)
+    labels = label_pages(get_teacher(Params()), tmp / "pages", samples, tmp / "labels", progress=False)
     build_dataset(labels, tmp / "pages", tmp / "ds", "<image>\nFree OCR.", 0.0, 0)
     return tmp / "ds" / "train.jsonl"

@@ -28,6 +28,7 @@ def small_params(tmp_path, models_cache, **overrides):
     raw["train"].update(max_steps=3, output_dir=str(tmp_path / "adapter"))
     raw["evaluate"]["max_new_tokens"] = 8
     raw["tracking"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    raw["teacher"]["cache_dir"] = str(tmp_path / "teacher_cache")
     for section, values in overrides.items():
         raw[section].update(values)
     path = tmp_path / "params.yaml"
@@ -51,9 +52,9 @@ def test_pdf2img_train_evaluate_infer_and_mlflow(tmp_path, models_cache):
 
     from ocr_finetune.dataset import build_dataset
     from ocr_finetune.teachers import get_teacher, label_pages
-    from ocr_finetune.params import TeacherParams
+    from ocr_finetune.params import Params
 
-    labels = label_pages(get_teacher(TeacherParams()), tmp_path / "pages", SAMPLES, tmp_path / "labels",
+    labels = label_pages(get_teacher(Params()), tmp_path / "pages", SAMPLES, tmp_path / "labels",
                          progress=False)
     build_dataset(labels, tmp_path / "pages", tmp_path / "ds", "<image>\nFree OCR.", 0.34, 0)
 

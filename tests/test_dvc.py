@@ -101,3 +101,24 @@ def test_experiments_per_lora_mode(repo):
             if exp.get("name") and mode:
                 counts[mode] = trainable
     assert counts.get("llm") == 30_208 and counts.get("vision") == 36_864, counts
+
+
+def test_teacher_label_with_an_api_teacher(repo):
+    """`dvc repro` labels the pages through an OpenAI-compatible server (a real one on 127.0.0.1)."""
+    from openai_server import ScriptedOpenAI
+
+    repo, env = repo
+    with ScriptedOpenAI() as server:
+        raw = yaml.safe_load((repo / "params.yaml").read_text())
+        raw["teacher"].update(kind="api")
+        raw["teacher"]["api"].update(base_url=server.base_url, api_key_env="TEST_OCR_KEY", concurrent_requests=4)
+        (repo / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False))
+        out = run(["dvc", "repro", "teacher_label"], repo, {**env, "TEST_OCR_KEY": "sk-" + "q" * 16})
+        assert "teacher_label" in ran(out)
+        assert sum(server.requests.values()) == 8  # every rendered page once, the scan included
+    labels = [json.loads(line) for line in (repo / "data" / "labels" / "labels.jsonl").read_text().splitlines()]
+    assert len(labels) == 8 and {x["teacher"] for x in labels} == {"api"}
+    assert all(x["status"] == "labeled" and x["text"].startswith("# Page") for x in labels)
+    metrics = json.loads((repo / "metrics" / "teacher.json").read_text())
+    assert metrics["requests"]["requests"] == 8 and metrics["requests"]["failed"] == 0
+    assert "sk-qqqq" not in (repo / "metrics" / "teacher.json").read_text() + (repo / "dvc.lock").read_text()

@@ -3,7 +3,7 @@ import pytest
 from conftest import ROOT
 from ocr_finetune.markdown import clean_markdown
 from ocr_finetune.metrics import cer
-from ocr_finetune.params import TeacherParams
+from ocr_finetune.params import Params
 from ocr_finetune.pdf import render_pages
 from ocr_finetune.teachers import get_teacher, label_pages, read_labels, teacher_quality
 
@@ -14,7 +14,7 @@ SAMPLES = ROOT / "data" / "samples"
 def labels(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("labels")
     render_pages(SAMPLES / "pdfs", tmp / "pages", dpi=30, progress=False)
-    labels = label_pages(get_teacher(TeacherParams()), tmp / "pages", SAMPLES / "pdfs", tmp / "labels",
+    labels = label_pages(get_teacher(Params()), tmp / "pages", SAMPLES / "pdfs", tmp / "labels",
                          progress=False)
     assert read_labels(tmp / "labels" / "labels.jsonl") == labels
     return {(x.doc, x.page): x for x in labels}
@@ -57,7 +57,7 @@ def test_unreadable_pdf_is_recorded_as_failed(tmp_path):
     render_pages(SAMPLES / "pdfs" / "price_table.pdf", tmp_path / "pages", dpi=30, progress=False)
     (tmp_path / "pdfs").mkdir()
     (tmp_path / "pdfs" / "price_table.pdf").write_bytes(b"garbage")
-    out = label_pages(get_teacher(TeacherParams()), tmp_path / "pages", tmp_path / "pdfs", tmp_path / "labels",
+    out = label_pages(get_teacher(Params()), tmp_path / "pages", tmp_path / "pdfs", tmp_path / "labels",
                       progress=False)
     assert [x.status for x in out] == ["failed"] and "price_table.pdf" in out[0].reason
 

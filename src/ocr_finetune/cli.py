@@ -44,29 +44,51 @@ def cmd_pdf2img(args):
 
 
 def cmd_infer(args):
-    import tempfile
-
-    from .infer import LocalModel, infer_documents
-    from .pdf import render_pages
+    """Pages in, one file per document out, with the local model (default) or the teacher a --config names."""
+    from .infer import image_pages, infer_documents
+    from .params import load_config
+    from .teachers import get_teacher
+    from .teachers.prompts import load_prompts
 
     params = _params(args)
-    prompt = args.prompt or params.dataset.prompt
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.pdf:
-            manifest = render_pages(args.pdf, tmp, dpi=args.dpi, workers=params.pdf2img.workers)
-            images = [Path(tmp) / p.image for p in manifest.pages]
-        else:
-            folder = Path(args.images)
-            if not folder.is_dir():
-                raise SystemExit(f"--images {folder}: not a directory")
-            images = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
-        if not images:
-            raise SystemExit("no page images to transcribe")
-        model = LocalModel(params, adapter_dir=args.adapter, device=params.train.device)
-        written = infer_documents(model, images, args.output, prompt, args.max_new_tokens or
-                                  params.evaluate.max_new_tokens, params.evaluate.batch_size,
-                                  params.evaluate.no_repeat_ngram_size)
-    print(f"wrote {len(written)} documents to {args.output}")
+    if args.config:
+        params = load_config(args.config, params)
+    else:  # no config: the local model of params.yaml (model.*), with --adapter if given
+        params.teacher.kind = "local"
+    if args.task:
+        params.teacher.task = args.task
+    if args.adapter:
+        params.teacher.local.adapter = args.adapter
+    if args.max_new_tokens:
+        params.teacher.local.max_new_tokens = params.teacher.api.max_tokens = args.max_new_tokens
+    if args.list_prompts:
+        for task, prompt in load_prompts(params.teacher.prompts_file).items():
+            print(f"{task}: {prompt.user!r}" + (f" (system: {prompt.system[:60]!r}...)" if prompt.system else ""))
+        return 0
+    if not (args.pdf or args.images) or not args.output:
+        raise ParamsError("infer needs --pdf FILE_OR_DIR or --images DIR, and --output DIR")
+    out = Path(args.output)
+    if args.pdf:
+        from .pdf import list_pdfs, render_pages
+
+        manifest = render_pages(args.pdf, out / "pages", dpi=args.dpi, workers=params.pdf2img.workers)
+        for skipped in manifest.skipped:
+            print(f"skipped {skipped['pdf']}: {skipped['reason']}")
+        pdfs = list_pdfs(args.pdf)
+        pages = image_pages([out / "pages" / p.image for p in manifest.pages], pdfs[0].parent if pdfs else None)
+    else:
+        folder = Path(args.images)
+        if not folder.is_dir():
+            raise ParamsError(f"--images {folder}: not a directory")
+        pages = image_pages(sorted(p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"}))
+    if not pages:
+        raise ParamsError("no page images to transcribe")
+    teacher = get_teacher(params)
+    written = infer_documents(teacher, pages, out, fmt=args.format)
+    print(f"wrote {len(written)} documents ({args.format}) to {out}")
+    usage = getattr(teacher, "usage", None)
+    if usage is not None:
+        print("requests:", usage.summary())
     return 0
 
 
@@ -144,12 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pdf2img)
 
     p = with_params(sub.add_parser("infer", help="transcribe PDFs or page images to Markdown, one file per document"))
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--pdf", help="a PDF file or a directory of PDFs")
     src.add_argument("--images", help="a directory of page images ({doc}_p{N}.png)")
-    p.add_argument("--output", "-o", required=True)
-    p.add_argument("--adapter", help="a LoRA adapter directory (default: the base model alone)")
-    p.add_argument("--prompt")
+    p.add_argument("--output", "-o")
+    p.add_argument("--config", help="a teacher config (config/examples/teacher_api.example.yaml, ...)")
+    p.add_argument("--task", help="the prompt task (see --list-prompts)")
+    p.add_argument("--list-prompts", action="store_true", help="list the tasks of the prompts file and exit")
+    p.add_argument("--format", choices=["md", "jsonl", "json"], default="md",
+                   help="md: the document; json: pages with status; jsonl: training records")
+    p.add_argument("--adapter", help="a LoRA adapter for the local model")
     p.add_argument("--dpi", type=int, default=200)
     p.add_argument("--max-new-tokens", type=int)
     p.set_defaults(func=cmd_infer)

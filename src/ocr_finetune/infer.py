@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
+import json
+import os
+from collections import Counter, defaultdict
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -11,7 +14,9 @@ from tqdm.auto import tqdm
 
 from .lora import load_adapter
 from .models.base import load_image
-from .params import Params
+from .dataset import make_record
+from .params import DEFAULT_PROMPT, Params
+from .teachers.base import PageInput, PageLabel
 from .pdf import parse_page_image_name
 from .runtime import pick_device, pick_dtype
 from .train import load_base, read_run_info, to_device
@@ -35,15 +40,24 @@ class LocalModel:
         self.model = load_adapter(model, adapter_dir) if adapter_dir is not None else model
         self.model.eval()
 
-    @torch.inference_mode()
     def transcribe(self, images: list, prompt: str, max_new_tokens: int, no_repeat_ngram_size: int = 0) -> list[str]:
+        return [text for text, _ in self.generate(images, prompt, max_new_tokens, no_repeat_ngram_size)]
+
+    @torch.inference_mode()
+    def generate(self, images: list, prompt: str, max_new_tokens: int,
+                 no_repeat_ngram_size: int = 0) -> list[tuple[str, str]]:
+        """Greedy transcriptions of a batch of pages, each with its finish reason (`stop` or `length`)."""
         inputs, width = self.family.generation_inputs(self.processor, images, prompt)
         inputs = to_device(inputs, self.device, self.dtype)
         tok = self.processor.tokenizer
         out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                   no_repeat_ngram_size=no_repeat_ngram_size or None,
                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        return [tok.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+        results = []
+        for row in out[:, width:]:
+            stopped = bool((row == tok.eos_token_id).any())
+            results.append((tok.decode(row, skip_special_tokens=True).strip(), "stop" if stopped else "length"))
+        return results
 
 
 def transcribe_paths(model: LocalModel, paths: Iterable[Path], prompt: str, max_new_tokens: int,
@@ -69,22 +83,54 @@ def group_pages(paths: Iterable[Path]) -> dict[str, list[Path]]:
     return {doc: [p for _, p in sorted(items)] for doc, items in sorted(groups.items())}
 
 
-def infer_documents(model: LocalModel, image_paths: list[Path], out_dir: str | Path, prompt: str,
-                    max_new_tokens: int, batch_size: int = 1, no_repeat_ngram_size: int = 0) -> list[Path]:
-    """Write one `{doc}.md` per document as soon as all its pages are transcribed."""
+def image_pages(paths: Iterable[Path], pdf_dir: Path | None = None) -> list[PageInput]:
+    """PageInputs for page images, with the source PDF where there is one (`{pdf_dir}/{doc}.pdf`)."""
+    pages = []
+    for doc, files in group_pages(paths).items():
+        pdf = pdf_dir / f"{doc}.pdf" if pdf_dir is not None and (pdf_dir / f"{doc}.pdf").is_file() else None
+        for p in files:
+            parsed = parse_page_image_name(p.name)
+            pages.append(PageInput(doc, parsed[1] if parsed else 1, p, pdf))
+    return pages
+
+
+def infer_documents(teacher, pages: list[PageInput], out_dir: str | Path, fmt: str = "md",
+                    progress: bool = True) -> list[Path]:
+    """Transcribe pages with any teacher; write each document the moment its last page is answered, so
+    finished documents can be opened while the run goes on. Returns the files in the order written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    expected = Counter(p.doc for p in pages)
+    done: dict[str, list[PageLabel]] = defaultdict(list)
     written = []
-    groups = group_pages(image_paths)
-    bar = tqdm(total=sum(map(len, groups.values())), desc="infer", unit="page")
-    for doc, pages in groups.items():
-        texts = [t for _, t in transcribe_paths(model, pages, prompt, max_new_tokens, batch_size,
-                                                no_repeat_ngram_size, progress=False)]
-        bar.update(len(pages))
-        path = out_dir / f"{doc}.md"
-        tmp = path.with_suffix(".md.tmp")
-        tmp.write_text("\n\n".join(t.strip() for t in texts) + "\n", encoding="utf-8")
-        tmp.replace(path)  # atomic: a reader never sees half a document
-        written.append(path)
+    bar = tqdm(total=len(pages), desc=f"infer ({teacher.name})", unit="page", disable=not progress)
+    for label in teacher.label(pages):
+        bar.update(1)
+        done[label.doc].append(label)
+        if len(done[label.doc]) == expected[label.doc]:
+            written.append(write_document(label.doc, sorted(done.pop(label.doc), key=lambda x: x.page), pages,
+                                          out_dir, fmt))
+            bar.set_postfix(docs=len(written))
     bar.close()
     return written
+
+
+def write_document(doc: str, labels: list[PageLabel], pages: list[PageInput], out_dir: Path, fmt: str) -> Path:
+    path = out_dir / f"{doc}.{fmt}"
+    if fmt == "md":
+        # A page without a transcription stays visible as a comment, so a reader knows text is missing.
+        text = "\n\n".join(
+            x.text.strip() if x.status == "labeled" else
+            f"<!-- page {x.page}: {x.status}: {x.reason} -->" + (f"\n{x.text.strip()}" if x.text else "")
+            for x in labels) + "\n"
+    elif fmt == "json":
+        text = json.dumps({"doc": doc, "pages": [asdict(x) for x in labels]}, indent=2, ensure_ascii=False) + "\n"
+    else:  # jsonl: training records, image paths relative to this file
+        images = {(p.doc, p.page): p.image for p in pages}
+        rows = [make_record(os.path.relpath(images[(doc, x.page)], out_dir), DEFAULT_PROMPT, x.text, doc, x.page)
+                for x in labels if x.status == "labeled"]
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)  # atomic: a reader never sees half a document
+    return path

@@ -6,6 +6,7 @@ with one message that names the key and what it accepts, instead of failing an h
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -45,9 +46,50 @@ class Pdf2ImgParams(_Section):
         return self
 
 
+class ApiTeacherParams(_Section):
+    """An OpenAI-compatible chat-completions server (vLLM, OpenAI, ...)."""
+
+    base_url: str = "http://localhost:8000/v1"
+    model_name: str = "deepseek-ai/DeepSeek-OCR"
+    api_key_env: str = "OPENAI_API_KEY"  # the NAME of the environment variable holding the key
+    concurrent_requests: int = Field(8, ge=1, le=256)
+    timeout: float = Field(120.0, gt=0)  # seconds per request
+    max_retries: int = Field(5, ge=0, le=20)
+    backoff: float = Field(1.0, gt=0)  # first retry waits ~this many seconds, doubling each time, with jitter
+    max_backoff: float = Field(60.0, gt=0)
+    max_tokens: int = Field(4096, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _a_name_not_a_key(cls, v):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v) or v.startswith(("sk-", "hf_")):
+            raise ValueError("give the name of an environment variable that holds the key (e.g. OPENAI_API_KEY), "
+                             "never the key itself")
+        return v
+
+
+class LocalTeacherParams(_Section):
+    """A model of this project's families (model.*), optionally with a LoRA adapter, on this machine."""
+
+    adapter: str | None = None
+    batch_size: int = Field(4, ge=1)
+    max_new_tokens: int = Field(2048, ge=1)
+    no_repeat_ngram_size: int = Field(30, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 class TeacherParams(_Section):
-    kind: Literal["pdf_text"] = "pdf_text"  # `api` and `local` arrive with their own issue
-    min_chars: int = Field(1, ge=1)  # fewer characters than this on a page = no usable text layer
+    kind: Literal["pdf_text", "api", "local"] = "pdf_text"
+    min_chars: int = Field(1, ge=1)  # pdf_text: fewer characters than this on a page = no usable text layer
+    prompts_file: str = "config/prompts.yaml"  # api/local: prompts by task ({task: {system, user}})
+    task: str = "document"
+    cache_dir: str = "data/teacher_cache"  # api/local: every answer, keyed by image, prompt, model and settings
+    # Output guards: a page whose answer loops (this share of repeated word 8-grams or more) or runs into
+    # max_tokens is marked `degenerate` and not trained on.
+    max_repeat_fraction: float = Field(0.5, gt=0.0, le=1.0)
+    api: ApiTeacherParams = ApiTeacherParams()
+    local: LocalTeacherParams = LocalTeacherParams()
 
 
 class DatasetParams(_Section):
@@ -205,6 +247,33 @@ def validate_params(raw: dict | None, source: str = "params") -> Params:
         return Params.model_validate(raw or {})
     except ValidationError as err:
         raise ParamsError(_format(err, source)) from None
+
+
+def load_config(path: str | Path, params: Params) -> Params:
+    """Apply a config file (any sections of params.yaml, e.g. `teacher:` and `model:`) over params."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"config file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path} must be a mapping of sections, got {type(raw).__name__}")
+    merged = params.model_dump()
+    for section, values in raw.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = _deep_merge(merged[section], values)
+        else:
+            merged[section] = values
+    return validate_params(merged, str(path))
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

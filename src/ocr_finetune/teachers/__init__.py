@@ -8,16 +8,27 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..params import TeacherParams
+from ..params import Params
 from .base import PageInput, PageLabel, Teacher
 
 
-def get_teacher(params: TeacherParams) -> Teacher:
-    if params.kind == "pdf_text":
+def get_teacher(params: Params) -> Teacher:
+    """The teacher `params.teacher.kind` names, configured from params (and its prompts file)."""
+    t = params.teacher
+    if t.kind == "pdf_text":
         from .pdf_text import PdfTextTeacher
 
-        return PdfTextTeacher(min_chars=params.min_chars)
-    raise ValueError(f"teacher.kind={params.kind!r} is not implemented")  # unreachable: params validated
+        return PdfTextTeacher(min_chars=t.min_chars)
+    from .prompts import get_prompt
+
+    prompt = get_prompt(t.prompts_file, t.task)
+    if t.kind == "api":
+        from .api import ApiTeacher
+
+        return ApiTeacher(t.api, prompt, t.cache_dir, t.max_repeat_fraction)
+    from .local import LocalTeacher
+
+    return LocalTeacher(params, t.local, prompt, t.cache_dir, t.max_repeat_fraction)
 
 
 def label_pages(teacher: Teacher, pages_dir: str | Path, pdf_dir: str | Path, out_dir: str | Path,
@@ -35,6 +46,8 @@ def label_pages(teacher: Teacher, pages_dir: str | Path, pdf_dir: str | Path, ou
                           unit="page", disable=not progress):
             labels.append(label)
             f.write(json.dumps(asdict(label), ensure_ascii=False) + "\n")
+            f.flush()
+    labels.sort(key=lambda x: (x.doc, x.page))  # teachers answer in any order
     return labels
 
 
@@ -55,7 +68,7 @@ def teacher_quality(labels: list[PageLabel], truth_dir: str | Path | None) -> di
     """CER of each labeled page against the ground truth `{doc}_p{N}.md`, where the user has one."""
     from ..metrics import cer, summarize
 
-    counts = {s: sum(1 for x in labels if x.status == s) for s in ("labeled", "unlabeled", "failed")}
+    counts = {s: sum(1 for x in labels if x.status == s) for s in ("labeled", "unlabeled", "failed", "degenerate")}
     report = {"pages": len(labels), **counts, "cer": None, "per_page": []}
     if not truth_dir or not Path(truth_dir).is_dir():
         return report

@@ -21,8 +21,9 @@ class PageLabel:
     doc: str
     page: int
     image: str  # file name in the pages directory
-    status: Literal["labeled", "unlabeled", "failed"]
-    text: str | None = None  # None unless status == "labeled": an empty string is never a label
+    # labeled | unlabeled (nothing to read) | failed (error, recorded) | degenerate (looping or runaway answer)
+    status: Literal["labeled", "unlabeled", "failed", "degenerate"]
+    text: str | None = None  # the answer (labeled, or degenerate: kept to look at, never trained on)
     reason: str | None = None
     teacher: str = ""
 

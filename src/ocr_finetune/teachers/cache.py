@@ -1,0 +1,46 @@
+"""Every teacher answer on disk, so nothing is paid for twice and an interrupted run loses nothing.
+
+Keyed by what determines the answer: the image's bytes, the prompt, the model and the generation settings.
+Each entry is one small JSON file written atomically (temp file + rename): a run killed mid-write leaves
+either the whole entry or none, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+
+def cache_key(image: Path, **settings) -> str:
+    h = hashlib.sha256(Path(image).read_bytes())
+    h.update(json.dumps(settings, sort_keys=True, ensure_ascii=False).encode())
+    return h.hexdigest()
+
+
+class LabelCache:
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def _path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> dict | None:
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):  # unreadable: ask again rather than fail the run
+            return None
+
+    def put(self, key: str, entry: dict) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entry, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, path)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.folder.glob("*/*.json")) if self.folder.is_dir() else 0

@@ -1,0 +1,42 @@
+"""Prompts by task from a YAML file: `prompts: {task: {system: ..., user: ...}}` (system optional)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..params import ParamsError
+
+
+class Prompt(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user: str
+    system: str | None = None
+
+
+class PromptsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompts: dict[str, Prompt]
+
+
+def load_prompts(path: str | Path) -> dict[str, Prompt]:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"prompts file {path} not found (teacher.prompts_file)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return PromptsFile.model_validate(raw).prompts
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path} is not valid YAML: {e}") from None
+    except ValidationError as e:
+        problems = "; ".join(f"`{'.'.join(map(str, x['loc']))}`: {x['msg']}" for x in e.errors())
+        raise ParamsError(f"{path}: {problems} (expected prompts: {{task: {{user, system}}}})") from None
+
+
+def get_prompt(path: str | Path, task: str) -> Prompt:
+    prompts = load_prompts(path)
+    if task not in prompts:
+        raise ParamsError(f"task {task!r} is not in {path} (allowed values: {', '.join(prompts)})")
+    return prompts[task]

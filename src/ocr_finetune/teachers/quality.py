@@ -1,0 +1,54 @@
+"""Guards on what a teacher returns: clean model-specific wrappers to plain Markdown, and refuse loops.
+
+Looping output is the most reported failure of these models (repeated lines until max_tokens); a looping
+label trained on teaches the student to loop, so such pages are marked `degenerate` and left out.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .base import PageInput, PageLabel
+
+# DeepSeek-OCR grounding output: <|ref|>label<|/ref|><|det|>[[x1, y1, x2, y2]]<|/det|> before each block.
+_GROUNDING = re.compile(r"<\|ref\|>.*?<\|/ref\|>|<\|det\|>.*?<\|/det\|>", re.DOTALL)
+_SPECIAL = re.compile(r"<\|grounding\|>|<｜end▁of▁sentence｜>|<\|end_of_sentence\|>")
+_FENCE = re.compile(r"\A\s*```(?:markdown|md)?\s*\n(.*?)\n```\s*\Z", re.DOTALL)
+
+
+def clean_output(text: str) -> str:
+    text = _SPECIAL.sub("", _GROUNDING.sub("", text))
+    fenced = _FENCE.match(text)
+    if fenced:  # chat models often wrap the whole answer in a ```markdown fence
+        text = fenced.group(1)
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return text.strip()
+
+
+def repeat_fraction(text: str, n: int = 8) -> float:
+    """Share of word n-grams that repeat an earlier one: ~0 for prose and tables, near 1 for a loop."""
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    if len(grams) < 20:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def degenerate_reason(text: str, finish_reason: str | None, max_repeat_fraction: float) -> str | None:
+    """Why an answer must not be trained on, or None."""
+    if finish_reason == "length":
+        return "runaway output: stopped at max_tokens"
+    if not text.strip():
+        return "empty answer"
+    fraction = repeat_fraction(text)
+    if fraction >= max_repeat_fraction:
+        return f"looping output: {fraction:.0%} of word 8-grams repeat"
+    return None
+
+
+def answer_label(page: PageInput, entry: dict, teacher: str, max_repeat_fraction: float) -> PageLabel:
+    """A teacher's raw answer ({text, finish_reason}) as a label: cleaned, and marked degenerate if it loops."""
+    text = clean_output(entry["text"])
+    reason = degenerate_reason(text, entry.get("finish_reason"), max_repeat_fraction)
+    status = "degenerate" if reason else "labeled"
+    return PageLabel(page.doc, page.page, page.image.name, status, text=text, reason=reason, teacher=teacher)

@@ -1,0 +1,113 @@
+"""A real HTTP server on 127.0.0.1 that speaks the OpenAI chat-completions wire format, for teacher tests.
+
+Each page image (identified by the SHA-256 of the bytes in its data URL) can be given a script: what to do on
+its 1st, 2nd, ... request. Actions: ok | 500 | 429 (Retry-After: 1) | slow (answer after `slow_seconds`) |
+drop (close the connection without a reply) | badjson (200, body not JSON) | nochoices (200, no choices) |
+loop (a looping answer) | length (finish_reason=length). After the script, requests are answered `ok`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import threading
+import time
+from collections import Counter, defaultdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+def image_id(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+ANSWER = "<|ref|>title<|/ref|><|det|>[[10, 10, 200, 40]]<|/det|>\n# Page {n}\n\nText of page {n}."
+
+
+class ScriptedOpenAI:
+    def __init__(self, scripts: dict[str, list[str]] | None = None, delay: float = 0.0, slow_seconds: float = 3.0):
+        self.scripts = scripts or {}
+        self.delay, self.slow_seconds = delay, slow_seconds
+        self.requests: Counter = Counter()  # image id -> requests received
+        self.times: dict[str, list[float]] = defaultdict(list)
+        self.auth: set[str] = set()
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.server.handle_error = lambda request, address: None  # clients that time out or die hang up on us
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _handler(self):
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def reply(self, status: int, body: bytes, headers: dict | None = None):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path != "/v1/chat/completions":
+                    return self.reply(404, b'{"error": {"message": "not found"}}')
+                user = body["messages"][-1]["content"]
+                url = next(part["image_url"]["url"] for part in user if part["type"] == "image_url")
+                assert url.startswith("data:image/")
+                key = hashlib.sha256(base64.b64decode(url.split(",", 1)[1])).hexdigest()
+                with owner.lock:
+                    attempt = owner.requests[key]
+                    owner.requests[key] += 1
+                    owner.times[key].append(time.monotonic())
+                    owner.auth.add(self.headers.get("Authorization", ""))
+                script = owner.scripts.get(key, [])
+                action = script[attempt] if attempt < len(script) else "ok"
+                time.sleep(owner.delay)
+                if action == "500":
+                    return self.reply(500, b'{"error": {"message": "internal error", "type": "server_error"}}')
+                if action == "429":
+                    return self.reply(429, b'{"error": {"message": "rate limited"}}', {"Retry-After": "1"})
+                if action == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                if action == "badjson":
+                    return self.reply(200, b"<html>gateway says hello</html>")
+                if action == "slow":
+                    time.sleep(owner.slow_seconds)
+                text = ANSWER.format(n=key[:8])  # stable per image
+                finish = "stop"
+                if action == "loop":
+                    text = "The same line again. " * 200
+                if action == "length":
+                    finish = "length"
+                completion = {"id": "cmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
+                              "choices": [] if action == "nochoices" else [
+                                  {"index": 0, "message": {"role": "assistant", "content": text},
+                                   "finish_reason": finish}],
+                              "usage": {"prompt_tokens": 100, "completion_tokens": 20,
+                                        "total_tokens": 120}}
+                return self.reply(200, json.dumps(completion).encode())
+
+        return Handler

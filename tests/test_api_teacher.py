@@ -1,0 +1,178 @@
+"""The API teacher against a real HTTP server on 127.0.0.1: retries, failures recorded, nothing paid twice."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from PIL import Image, ImageDraw
+
+from conftest import ROOT
+from openai_server import ScriptedOpenAI, image_id
+
+from ocr_finetune.params import ApiTeacherParams, ParamsError, validate_params
+from ocr_finetune.teachers.api import ApiTeacher
+from ocr_finetune.teachers.base import PageInput
+from ocr_finetune.teachers.cache import cache_key
+from ocr_finetune.teachers.prompts import Prompt, get_prompt
+
+KEY = "sk-test-" + "z" * 20
+PROMPT = Prompt(system="Transcribe.", user="<|grounding|>Convert the document to markdown.")
+
+
+def make_pages(folder, docs: dict[str, int]) -> list[PageInput]:
+    folder.mkdir(parents=True, exist_ok=True)
+    pages = []
+    for d, (doc, n) in enumerate(docs.items()):
+        for page in range(1, n + 1):
+            im = Image.new("RGB", (120, 160), "white")
+            ImageDraw.Draw(im).text((10, 10 + 10 * page), f"{doc} {page}", fill=(d * 40 % 255, 0, 0))
+            path = folder / f"{doc}_p{page}.png"
+            im.save(path)
+            pages.append(PageInput(doc, page, path))
+    return pages
+
+
+def config(server, **overrides) -> ApiTeacherParams:
+    return ApiTeacherParams(**{"base_url": server.base_url, "model_name": "test-ocr", "api_key_env": "TEST_OCR_KEY",
+                               "concurrent_requests": 4, "timeout": 1.0, "max_retries": 3, "backoff": 0.05,
+                               "max_backoff": 2.0, **overrides})
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv("TEST_OCR_KEY", KEY)
+
+
+def test_faults_are_retried_recorded_and_never_paid_twice(tmp_path):
+    pages = make_pages(tmp_path / "pages", {"doc": 10})
+    scripts = ["ok", "ok", "500 500", "429", "slow", "drop", "badjson " * 4, "nochoices " * 4, "loop", "length"]
+    by_page = {p.page: image_id(p.image) for p in pages}
+    with ScriptedOpenAI({by_page[i + 1]: s.split() for i, s in enumerate(scripts)}, slow_seconds=2.0) as server:
+        teacher = ApiTeacher(config(server), PROMPT, tmp_path / "cache")
+        labels = {x.page: x for x in teacher.label(pages)}
+        status = {n: labels[n].status for n in labels}
+        assert [status[n] for n in range(1, 11)] == ["labeled"] * 6 + ["failed", "failed", "degenerate", "degenerate"]
+        assert "BadReply" in labels[7].reason and "not JSON" in labels[7].reason
+        assert "no choices" in labels[8].reason
+        assert "loop" in labels[9].reason and "max_tokens" in labels[10].reason
+        assert labels[1].text.startswith("# Page") and "<|ref|>" not in labels[1].text  # grounding tags gone
+        times = server.times[by_page[4]]
+        assert times[1] - times[0] >= 0.95  # Retry-After: 1 honoured
+        usage = teacher.usage.summary()
+        # retries: 2 (500s) + 1 (429) + 1 (timeout) + 1 (drop) + 3 + 3 (malformed, until given up)
+        assert (usage["requests"], usage["retries"], usage["failed"]) == (21, 11, 2)
+        assert usage["prompt_tokens"] == 100 * 8  # answered pages only
+        assert server.auth == {f"Bearer {KEY}"}
+        assert all(KEY not in (x.text or "") + (x.reason or "") for x in labels.values())
+
+        # A rerun asks only for the pages that never got an answer.
+        before = server.requests.copy()
+        again = ApiTeacher(config(server), PROMPT, tmp_path / "cache")
+        relabeled = {x.page: x for x in again.label(pages)}
+        asked_again = [n for n in range(1, 11) if server.requests[by_page[n]] > before[by_page[n]]]
+        assert asked_again == [7, 8]
+        assert {n: relabeled[n].status for n in relabeled} == {**status, 7: "labeled", 8: "labeled"}  # server healed
+        print(f"\nAPI teacher: {len(pages)} pages, {usage['retries']} retries, {usage['failed']} failed, "
+              f"re-requested on rerun: {len(set(asked_again) - {7, 8})}")
+
+
+def test_api_key_name_not_value_in_params():
+    with pytest.raises(ParamsError, match="teacher.api.api_key_env"):
+        validate_params({"teacher": {"kind": "api", "api": {"api_key_env": KEY}}})
+
+
+def test_missing_key_variable_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("TEST_OCR_KEY")
+    with pytest.raises(ValueError, match="TEST_OCR_KEY is not set"):
+        ApiTeacher(ApiTeacherParams(api_key_env="TEST_OCR_KEY"), PROMPT, tmp_path)
+
+
+def test_prompts_file_lists_tasks_and_names_bad_keys(tmp_path):
+    assert get_prompt(ROOT / "config" / "prompts.yaml", "document").user.startswith("<|grounding|>")
+    with pytest.raises(ParamsError, match="allowed values: document, free_ocr, figure"):
+        get_prompt(ROOT / "config" / "prompts.yaml", "nope")
+    bad = tmp_path / "p.yaml"
+    bad.write_text("prompts:\n  document:\n    sytem: hi\n")
+    with pytest.raises(ParamsError, match="prompts.document.user.*|prompts.document.sytem"):
+        get_prompt(bad, "document")
+
+
+def api_config_file(tmp_path, server, **api):
+    path = tmp_path / "teacher_api.yaml"
+    raw = yaml.safe_load((ROOT / "config" / "examples" / "teacher_api.example.yaml").read_text())
+    raw["teacher"].update(prompts_file=str(ROOT / "config" / "prompts.yaml"), cache_dir=str(tmp_path / "cache"))
+    raw["teacher"]["api"].update(base_url=server.base_url, api_key_env="TEST_OCR_KEY", **api)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def infer_cmd(cfg, images, out, *extra):
+    return [sys.executable, str(ROOT / "main.py"), "infer", "--params", str(ROOT / "params.yaml"), "--config", str(cfg),
+            "--images", str(images), "--output", str(out), *extra]
+
+
+def test_killed_run_requests_no_finished_page_again(tmp_path):
+    pages = make_pages(tmp_path / "pages", {"a": 6, "b": 6})
+    with ScriptedOpenAI(delay=0.4) as server:
+        cfg = api_config_file(tmp_path, server, concurrent_requests=2)
+        proc = subprocess.Popen(infer_cmd(cfg, tmp_path / "pages", tmp_path / "out"), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        teacher = ApiTeacher(ApiTeacherParams(**yaml.safe_load(cfg.read_text())["teacher"]["api"]), get_prompt(
+            ROOT / "config" / "prompts.yaml", "document"), tmp_path / "cache")
+        keys = {p.page + (0 if p.doc == "a" else 100): cache_key(p.image, **teacher.settings()) for p in pages}
+        deadline = time.time() + 120
+        while len(teacher.cache) < 4 and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        finished = {n for n, k in keys.items() if teacher.cache.get(k) is not None}
+        assert 4 <= len(finished) < 12
+        asked = server.requests.copy()
+
+        r = subprocess.run(infer_cmd(cfg, tmp_path / "pages", tmp_path / "out"), capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        again = [p for p in pages if server.requests[image_id(p.image)] > asked[image_id(p.image)]]
+        again_ids = {p.page + (0 if p.doc == "a" else 100) for p in again}
+        assert not again_ids & finished  # no finished page paid twice
+        assert len(again_ids) == 12 - len(finished)
+        assert sorted(x.name for x in (tmp_path / "out").glob("*.md")) == ["a.md", "b.md"]
+        print(f"\nkill -9 after {len(finished)} of 12 pages; rerun requested {len(again_ids)}, "
+              f"finished pages re-requested: {len(again_ids & finished)}")
+
+
+def test_documents_are_written_as_soon_as_their_pages_are_done(tmp_path):
+    pages = make_pages(tmp_path / "pages", {"fast": 2, "slow": 2})
+    slow = {image_id(p.image): ["slow"] for p in pages if p.doc == "slow"}
+    with ScriptedOpenAI(slow, slow_seconds=3.0) as server:
+        cfg = api_config_file(tmp_path, server, concurrent_requests=4, timeout=10)
+        proc = subprocess.Popen(infer_cmd(cfg, tmp_path / "pages", tmp_path / "out", "--format", "json"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while not (tmp_path / "out" / "fast.json").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert (tmp_path / "out" / "fast.json").exists() and not (tmp_path / "out" / "slow.json").exists()
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-2000:]
+        assert (tmp_path / "out" / "slow.json").exists() and "requests:" in out
+        import json
+
+        doc = json.loads((tmp_path / "out" / "fast.json").read_text())
+        assert [p["page"] for p in doc["pages"]] == [1, 2] and all(p["status"] == "labeled" for p in doc["pages"])
+
+
+def test_jsonl_output_is_training_data(tmp_path):
+    from ocr_finetune.dataset import read_jsonl
+
+    make_pages(tmp_path / "pages", {"memo": 2})
+    with ScriptedOpenAI() as server:
+        cfg = api_config_file(tmp_path, server)
+        r = subprocess.run(infer_cmd(cfg, tmp_path / "pages", tmp_path / "out", "--format", "jsonl"),
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+    examples = read_jsonl(tmp_path / "out" / "memo.jsonl")  # validated like any training file
+    assert [e.page for e in examples] == [1, 2] and all(e.image.is_file() for e in examples)
+    assert all(e.target.startswith("# Page") for e in examples)
