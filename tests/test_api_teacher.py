@@ -176,3 +176,15 @@ def test_jsonl_output_is_training_data(tmp_path):
     examples = read_jsonl(tmp_path / "out" / "memo.jsonl")  # validated like any training file
     assert [e.page for e in examples] == [1, 2] and all(e.image.is_file() for e in examples)
     assert all(e.target.startswith("# Page") for e in examples)
+
+
+def test_config_file_errors_name_the_key(tmp_path):
+    from ocr_finetune.params import Params, load_config
+
+    bad = tmp_path / "teacher.yaml"
+    bad.write_text("teacher:\n  kind: api\n  api:\n    timeout: -1\n    concurent_requests: 4\n")
+    with pytest.raises(ParamsError) as e:
+        load_config(bad, Params())
+    assert "teacher.api.timeout" in str(e.value) and "unknown key `teacher.api.concurent_requests`" in str(e.value)
+    for example in ("teacher_api", "teacher_local"):  # the shipped examples are valid
+        load_config(ROOT / "config" / "examples" / f"{example}.example.yaml", Params())
