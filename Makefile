@@ -8,7 +8,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install demo test samples clean
+.PHONY: install demo test samples clean browser
 
 $(BIN)/ocr-finetune: pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 required"'
@@ -24,6 +24,10 @@ demo: install
 	time dvc repro
 	dvc metrics show
 	@echo "report: metrics/eval.json, metrics/eval_per_doc.json, metrics/train_loss.csv; 'dvc plots show' draws them"
+
+# Debian chromium: the tests check the HTML report and the offline plots in a real headless browser.
+browser:
+	command -v chromium >/dev/null || { $$(command -v sudo) apt-get update -q && DEBIAN_FRONTEND=noninteractive $$(command -v sudo) apt-get install -y -q chromium; }
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -66,11 +66,11 @@ def test_pdf2img_train_evaluate_infer_and_mlflow(tmp_path, models_cache):
     train_metrics = json.loads((tmp_path / "metrics" / "train.json").read_text())
     assert train_metrics["steps"] == 3 and train_metrics["trainable_params"] == 67_072
 
-    out = cli("evaluate", "--params", params, "--dataset", tmp_path / "ds" / "eval.jsonl",
+    out = cli("evaluate", "--params", params, "--dataset", tmp_path / "ds" / "eval.jsonl", "--task", "document",
               "--adapter", tmp_path / "adapter", "--output", tmp_path / "results.json")
     result = json.loads((tmp_path / "results.json").read_text())
     assert set(result["summary"]) >= {"base", "finetuned"} and result["pages"]
-    assert all(0 <= p["base_cer"] for p in result["pages"])
+    assert all(0 <= p["base"]["cer"] and 0 <= p["finetuned"]["ned"] <= 1 for p in result["pages"])
 
     cli("infer", "--params", params, "--images", tmp_path / "pages", "--output", tmp_path / "md",
         "--adapter", tmp_path / "adapter", "--max-new-tokens", 4)

@@ -118,7 +118,14 @@ def cmd_evaluate(args):
     from .evaluate import evaluate
 
     params = _params(args)
-    result = evaluate(params, args.dataset, None if args.base_only else args.adapter, metrics_dir=args.metrics_dir)
+    prompt = None
+    if args.task:  # the prompts file's task, as the model's prompt (default: the dataset's own prompt)
+        from .teachers.prompts import get_prompt
+
+        user = get_prompt(params.teacher.prompts_file, args.task).user
+        prompt = user if "<image>" in user else f"<image>\n{user}"
+    result = evaluate(params, args.dataset, None if args.base_only else args.adapter, metrics_dir=args.metrics_dir,
+                      prompt=prompt)
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(json.dumps(result["summary"], indent=2))
@@ -192,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="data/dataset/eval.jsonl")
     p.add_argument("--adapter", default="models/adapter")
     p.add_argument("--base-only", action="store_true")
+    p.add_argument("--task", help="prompt task from teacher.prompts_file (default: the dataset's prompt)")
     p.add_argument("--output", help="write the full result (per page) as JSON")
     p.add_argument("--metrics-dir", default=None)
     p.set_defaults(func=cmd_evaluate)

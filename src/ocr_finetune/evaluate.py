@@ -1,4 +1,5 @@
-"""Base model vs fine-tuned adapter on the eval split: CER/WER per page, per document and overall."""
+"""Base model vs fine-tuned adapter on the eval split: scores per page, per document and overall, and the
+HTML report (metrics.py says what each score is; params `evaluate.*` set the normalisation)."""
 
 from __future__ import annotations
 
@@ -9,19 +10,22 @@ from pathlib import Path
 
 from .dataset import read_jsonl
 from .infer import LocalModel, transcribe_paths
-from .metrics import cer, summarize, wer
+from .metrics import page_scores, summarize_system
 from .models.base import write_json
 from .params import Params
-from .tracking import Tracker
+from .report import write_report
+from .tracking import Tracker, flatten
 
 
 def evaluate(params: Params, eval_jsonl: str | Path, adapter_dir: str | Path | None,
-             metrics_dir: str | Path | None = None, tracker: Tracker | None = None, progress: bool = True) -> dict:
+             metrics_dir: str | Path | None = None, tracker: Tracker | None = None, progress: bool = True,
+             prompt: str | None = None) -> dict:
     ep = params.evaluate
+    norm = {"unicode": ep.unicode, "collapse_whitespace": ep.collapse_whitespace, "markdown": ep.markdown}
     examples = read_jsonl(eval_jsonl)
     if not examples:
         raise ValueError(f"{eval_jsonl} has no examples to evaluate")
-    prompt = examples[0].prompt
+    prompt = prompt or examples[0].prompt
     systems = {"base": None}
     if adapter_dir is not None:
         systems["finetuned"] = adapter_dir
@@ -37,24 +41,23 @@ def evaluate(params: Params, eval_jsonl: str | Path, adapter_dir: str | Path | N
     for i, e in enumerate(examples):
         row = {"doc": e.doc, "page": e.page, "reference": e.target}
         for name in systems:
-            row[f"{name}_output"] = outputs[name][i]
-            row[f"{name}_cer"] = round(cer(e.target, outputs[name][i]), 4)
-            row[f"{name}_wer"] = round(wer(e.target, outputs[name][i]), 4)
+            row[name] = {"output": outputs[name][i],
+                         **page_scores(e.target, outputs[name][i], ep.loop_threshold, **norm)}
         pages.append(row)
 
     summary = {"pages": len(pages), "docs": len({p["doc"] for p in pages})}
     for name in systems:
-        cers = summarize([p[f"{name}_cer"] for p in pages])
-        summary[name] = {"cer": cers["mean"], "cer_median": cers["median"],
-                         "wer": summarize([p[f"{name}_wer"] for p in pages])["mean"]}
+        summary[name] = summarize_system([p[name] for p in pages])
     if "finetuned" in systems:
         summary["cer_change"] = round(summary["finetuned"]["cer"] - summary["base"]["cer"], 4)
+        summary["ned_change"] = round(summary["finetuned"]["ned"] - summary["base"]["ned"], 4)
 
     per_doc = defaultdict(list)
     for p in pages:
         per_doc[p["doc"]].append(p)
-    doc_rows = [{"doc": doc, **{f"{name}_cer": round(statistics.fmean(r[f"{name}_cer"] for r in rows), 4)
-                                for name in systems}} for doc, rows in sorted(per_doc.items())]
+    doc_rows = [{"doc": doc, **{f"{name}_{k}": round(statistics.fmean(r[name][k] for r in rows), 4)
+                                for name in systems for k in ("cer", "cer_clipped", "ned")}}
+                for doc, rows in sorted(per_doc.items())]
     result = {"summary": summary, "per_doc": doc_rows, "pages": pages}
     if metrics_dir is not None:
         metrics_dir = Path(metrics_dir)
@@ -62,12 +65,15 @@ def evaluate(params: Params, eval_jsonl: str | Path, adapter_dir: str | Path | N
         write_json(metrics_dir / "eval.json", summary)
         # long format, one bar per (document, system): what `dvc plots` draws as a horizontal bar chart
         write_json(metrics_dir / "eval_per_doc.json",
-                   [{"doc_system": f"{r['doc']} [{name}]", "doc": r["doc"], "system": name, "cer": r[f"{name}_cer"]}
+                   [{"doc_system": f"{r['doc']} [{name}]", "doc": r["doc"], "system": name,
+                     "cer": r[f"{name}_cer_clipped"], "ned": r[f"{name}_ned"]}
                     for r in doc_rows for name in systems])
         with (metrics_dir / "eval_pages.jsonl").open("w", encoding="utf-8") as f:
             for p in pages:
                 f.write(json.dumps(p, ensure_ascii=False) + "\n")
+        write_report(result, {(e.doc, e.page): e.image for e in examples}, metrics_dir / "report.html")
     if tracker is not None:
-        tracker.log_metrics({f"eval_{name}_{k}": v for name in systems for k, v in summary[name].items()
-                             if v is not None})
+        tracker.log_metrics({f"eval_{k}": v for k, v in flatten(summary).items() if isinstance(v, (int, float))})
+        if metrics_dir is not None:
+            tracker.log_artifact(Path(metrics_dir) / "report.html")
     return result

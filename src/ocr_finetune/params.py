@@ -182,6 +182,11 @@ class EvaluateParams(_Section):
     max_new_tokens: int = Field(256, ge=1)
     batch_size: int = Field(2, ge=1)
     no_repeat_ngram_size: int = Field(0, ge=0)
+    # Normalisation applied to reference and output alike before every score (docs/evaluation.md).
+    unicode: Literal["NFC", "NFKC", "none"] = "NFC"
+    collapse_whitespace: bool = True
+    markdown: Literal["keep", "strip"] = "keep"  # strip: score the text only, not #, **, |, list markers
+    loop_threshold: float = Field(0.5, gt=0.0, le=1.0)  # repeated word 8-gram share that counts as a loop
 
 
 class TrackingParams(_Section):

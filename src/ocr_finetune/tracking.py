@@ -65,6 +65,12 @@ class Tracker:
 
             mlflow.log_artifacts(str(path), artifact_path=artifact_path)
 
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None):
+        if self.run:
+            import mlflow
+
+            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
     def set_tags(self, tags: dict):
         if self.run:
             import mlflow

@@ -1,0 +1,102 @@
+"""metrics/report.html: one self-contained page where a person checks the scores with their own eyes.
+
+Per page, worst first: the page image (embedded), the reference, and each system's output with the
+character-level differences from the reference marked (deleted reference text struck through in red,
+inserted text in green). The summary table comes first. No scripts, no external files: it opens offline
+and can be attached to a pull request or an MLflow run as is.
+"""
+
+from __future__ import annotations
+
+import base64
+import difflib
+import html
+import io
+from pathlib import Path
+
+from PIL import Image
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 24px; color: #222; }
+table.summary { border-collapse: collapse; margin-bottom: 24px; }
+table.summary td, table.summary th { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
+table.summary th:first-child, table.summary td:first-child { text-align: left; }
+.page { display: grid; grid-template-columns: 360px 1fr; gap: 16px; border-top: 2px solid #888;
+        padding: 16px 0; }
+.page img { width: 360px; border: 1px solid #ccc; }
+.texts { display: grid; grid-template-columns: repeat(3, minmax(0, 1fr)); gap: 12px; align-items: start; }
+.text { white-space: pre-wrap; font-family: ui-monospace, monospace; font-size: 12px; background: #fafafa;
+        border: 1px solid #ddd; padding: 8px; max-height: 480px; overflow: auto; }
+h3 { margin: 0 0 6px 0; font-size: 14px; }
+del { background: #ffd7d5; color: #82071e; }
+ins { background: #d2f4d3; color: #055d20; text-decoration: none; }
+.score { color: #555; font-weight: normal; }
+"""
+
+
+def char_diff(reference: str, output: str) -> str:
+    """HTML of `output` against `reference`: equal text plain, reference-only <del>, output-only <ins>."""
+    parts = []
+    matcher = difflib.SequenceMatcher(None, reference, output, autojunk=False)
+    for op, a0, a1, b0, b1 in matcher.get_opcodes():
+        if op == "equal":
+            parts.append(html.escape(output[b0:b1]))
+            continue
+        if a1 > a0:
+            parts.append(f"<del>{html.escape(reference[a0:a1])}</del>")
+        if b1 > b0:
+            parts.append(f"<ins>{html.escape(output[b0:b1])}</ins>")
+    return "".join(parts)
+
+
+def embedded_image(path: str | Path, width: int = 720) -> str:
+    """The page as a JPEG data URL, scaled down: the report stays one file of a reasonable size."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if im.width > width:
+            im = im.resize((width, round(im.height * width / im.width)))
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def summary_table(summary: dict, systems: list[str]) -> str:
+    keys = ["cer", "cer_median", "cer_clipped", "wer", "ned", "teds", "loop_rate", "length_ratio"]
+    head = "".join(f"<th>{html.escape(s)}</th>" for s in systems)
+    rows = "".join(
+        f"<tr><td>{k}</td>" + "".join(f"<td>{_fmt(summary[s].get(k))}</td>" for s in systems) + "</tr>"
+        for k in keys)
+    return f'<table class="summary"><tr><th>metric</th>{head}</tr>{rows}</table>'
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.4f}" if isinstance(value, float) else html.escape(str(value))
+
+
+def write_report(result: dict, images: dict, out_path: str | Path, title: str = "ocr-finetune evaluation") -> Path:
+    """result: evaluate()'s; images: (doc, page) -> page image path."""
+    summary, pages = result["summary"], result["pages"]
+    systems = [s for s in ("base", "finetuned") if s in summary]
+    worst = systems[-1]
+    ordered = sorted(pages, key=lambda p: -(p[worst]["cer"] or 0))
+    blocks = []
+    for p in ordered:
+        texts = [f'<div><h3>reference</h3><div class="text">{html.escape(p["reference"])}</div></div>']
+        for s in systems:
+            scores = p[s]
+            label = f'CER {scores["cer"]:.3f} · NED {scores["ned"]:.3f}' + (
+                f' · TEDS {scores["teds"]:.3f}' if "teds" in scores else "") + (" · LOOP" if scores["loop"] else "")
+            texts.append(f'<div><h3>{s} <span class="score">{label}</span></h3>'
+                         f'<div class="text">{char_diff(p["reference"], p[s]["output"])}</div></div>')
+        image = images.get((p["doc"], p["page"]))
+        img = f'<img src="{embedded_image(image)}" alt="{html.escape(p["doc"])} page {p["page"]}">' if image else ""
+        blocks.append(f'<section class="page"><div><h3>{html.escape(p["doc"])} · page {p["page"]}</h3>{img}</div>'
+                      f'<div class="texts">{"".join(texts)}</div></section>')
+    doc = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+           f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+           f"<p>{summary['pages']} pages from {summary['docs']} documents, worst first by {worst} CER. "
+           f"<del>struck</del>: in the reference, missing from the output; <ins>green</ins>: in the output only."
+           f"</p>{summary_table(summary, systems)}{''.join(blocks)}</body></html>")
+    out_path = Path(out_path)
+    out_path.write_text(doc, encoding="utf-8")
+    return out_path

@@ -1,0 +1,136 @@
+"""Evaluation scores, the HTML report in a real headless browser, and the pull-request metrics comment."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from PIL import Image, ImageDraw, ImageStat
+
+from conftest import ROOT
+
+from ocr_finetune.metrics import cer, ned, page_scores, summarize_system, teds
+from ocr_finetune.report import char_diff, write_report
+
+TABLE = "| item | qty |\n| --- | --- |\n| pens | 12 |\n| ink | 3 |"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_scores_agree_with_their_definitions():
+    assert ned("abcd", "abcx") == 0.25 and ned("", "") == 0.0 and ned("ab", "") == 1.0
+    looping = "Total 12. " * 50
+    s = page_scores("Total 12.", looping)
+    assert s["cer"] > 10 and s["cer_clipped"] == 1.0 and s["loop"] and s["length_ratio"] > 40
+    assert cer("한국어 회의록", "한국어 회의록".encode().decode()) == 0.0
+    import unicodedata
+
+    assert cer("회의록", unicodedata.normalize("NFD", "회의록")) == 0.0  # NFC on both sides
+    assert cer("# **Title**", "Title", markdown="strip") == 0.0 and cer("# **Title**", "Title") > 0
+
+
+def test_teds_reads_markdown_and_html_tables():
+    assert teds("no table here", "anything") is None
+    assert teds(TABLE, TABLE) == 1.0
+    html = "<table><tr><td>item</td><td>qty</td></tr><tr><td>pens</td><td>12</td></tr><tr><td>ink</td><td>3</td></tr></table>"
+    assert teds(TABLE, html) == 1.0  # same structure and cells, other syntax
+    one_cell_wrong = teds(TABLE, TABLE.replace("12", "21"))
+    row_missing = teds(TABLE, "| item | qty |\n| --- | --- |\n| pens | 12 |")
+    assert 0.9 < one_cell_wrong < 1.0 and row_missing < one_cell_wrong
+    assert teds(TABLE, "item qty pens 12 ink 3") == 0.0
+
+
+def test_summary_reports_mean_median_clipped_and_loop_rate():
+    pages = [page_scores("abc", "abc"), page_scores("abc", "abd"), page_scores("abc", "zzz " * 40)]
+    s = summarize_system(pages)
+    assert s["cer_median"] == pytest.approx(1 / 3, abs=1e-3)
+    assert s["cer"] > s["cer_clipped"] == pytest.approx((0 + 1 / 3 + 1) / 3, abs=1e-3)
+    assert s["loop_rate"] == pytest.approx(1 / 3, abs=1e-3) and s["teds"] is None
+
+
+def test_char_diff_marks_what_differs():
+    assert char_diff("total 120", "total 12O") == "total 12<del>0</del><ins>O</ins>"
+    assert char_diff("<b>", "<b>") == "&lt;b&gt;"
+
+
+def fake_result(tmp_path):
+    images, pages = {}, []
+    for i, (ref, base, tuned) in enumerate([("# Invoice\nTotal: 120 EUR", "# Invoce\nTotal 12O", "# Invoice\nTotal: 120 EUR"),
+                                           (TABLE, "item qty", TABLE.replace("3", "8"))]):
+        im = Image.new("RGB", (600, 800), "white")
+        ImageDraw.Draw(im).rectangle([40, 40 + 300 * i, 560, 300 + 300 * i], fill="black")
+        images[("doc", i + 1)] = tmp_path / f"doc_p{i + 1}.png"
+        im.save(images[("doc", i + 1)])
+        pages.append({"doc": "doc", "page": i + 1, "reference": ref,
+                      "base": {"output": base, **page_scores(ref, base)},
+                      "finetuned": {"output": tuned, **page_scores(ref, tuned)}})
+    summary = {"pages": 2, "docs": 1, "base": summarize_system([p["base"] for p in pages]),
+               "finetuned": summarize_system([p["finetuned"] for p in pages])}
+    return {"summary": summary, "pages": pages}, images
+
+
+def screenshot(html_file, png, height=1400):
+    r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={png}",
+                        f"--window-size=1280,{height}", "--virtual-time-budget=5000", f"file://{html_file}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and png.is_file(), r.stderr[-2000:]
+    with Image.open(png) as im:
+        return im.convert("L")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian chromium (`make browser`); CI installs it")
+def test_report_renders_in_a_headless_browser(tmp_path):
+    result, images = fake_result(tmp_path)
+    report = write_report(result, images, tmp_path / "report.html")
+    html = report.read_text()
+    assert "<script" not in html and "http" not in html.replace("http-equiv", "")  # self-contained
+    assert html.index("page 2") < html.index("page 1")  # worst first (the table page)
+    assert html.count("data:image/jpeg;base64,") == 2 and "<del>" in html and "<ins>" in html
+    shot = screenshot(report, tmp_path / "report.png")
+    assert ImageStat.Stat(shot).stddev[0] > 20  # text, images and highlights drawn, not a blank page
+    # the red of <del> and the green of <ins> are on screen
+    with Image.open(tmp_path / "report.png") as im:
+        colors = {c for _, c in im.convert("RGB").getcolors(1 << 20)}
+    assert (255, 215, 213) in colors and (210, 244, 211) in colors
+
+
+def git(repo, *args):
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True,
+                   env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                        "GIT_COMMITTER_EMAIL": "t@t"})
+
+
+def test_pull_request_comment_shows_both_values_and_the_change(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "metrics").mkdir(parents=True)
+    git(repo, "init", "-q")
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    subprocess.run(["dvc", "init", "-q"], cwd=repo, check=True, env=env)
+    (repo / "dvc.yaml").write_text("metrics:\n  - metrics/eval.json\n")
+    (repo / "params.yaml").write_text("lora:\n  mode: both\n")
+    (repo / "metrics" / "eval.json").write_text(json.dumps({"finetuned": {"cer": 0.4123, "ned": 0.30}}))
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "base")
+    (repo / "metrics" / "eval.json").write_text(json.dumps({"finetuned": {"cer": 0.2061, "ned": 0.15}}))
+    (repo / "params.yaml").write_text("lora:\n  mode: llm\n")
+    git(repo, "commit", "-qam", "branch")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "metrics_comment.py"), "--base", "HEAD~1",
+                        "--head", "HEAD"], cwd=repo, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    body = r.stdout
+    assert body.startswith("<!-- ocr-finetune-metrics -->")
+    row = next(line for line in body.splitlines() if "finetuned.cer" in line)
+    assert "0.4123" in row and "0.2061" in row and "-0.2062" in row  # old, new, change
+    assert "lora.mode" in body and "both" in body and "llm" in body
+
+
+def test_workflow_posts_one_updated_comment():
+    import yaml
+
+    flow = yaml.safe_load((ROOT / ".github" / "workflows" / "metrics.yml").read_text())
+    assert "pull_request" in flow[True] if True in flow else "pull_request" in flow["on"]
+    steps = flow["jobs"]["metrics"]["steps"]
+    script = " ".join(str(s.get("run", "")) + str(s.get("with", {}).get("script", "")) for s in steps)
+    assert "scripts/metrics_comment.py --base origin/" in script and "updateComment" in script
+    assert "make demo" in script
