@@ -84,6 +84,9 @@ def test_pdf2img_train_evaluate_infer_and_mlflow(tmp_path, models_cache):
     run = runs[0]
     assert run.data.params["lora.mode"] == "both" and run.data.params["train.max_steps"] == "3"
     assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")) == 3
+    # `evaluate` logged its scores to the run that trained the adapter it evaluated
+    assert run.data.metrics["eval_finetuned.cer"] == result["summary"]["finetuned"]["cer"]
+    assert "eval_base.ned" in run.data.metrics and "eval_cer_change" in run.data.metrics
     assert run.data.tags.get("git_commit")
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "adapter")]
     assert "adapter/adapter_model.safetensors" in artifacts

@@ -115,7 +115,7 @@ def cmd_train(args):
 def cmd_evaluate(args):
     import json
 
-    from .evaluate import evaluate
+    from .evaluate import evaluate_adapter
 
     params = _params(args)
     prompt = None
@@ -124,8 +124,8 @@ def cmd_evaluate(args):
 
         user = get_prompt(params.teacher.prompts_file, args.task).user
         prompt = user if "<image>" in user else f"<image>\n{user}"
-    result = evaluate(params, args.dataset, None if args.base_only else args.adapter, metrics_dir=args.metrics_dir,
-                      prompt=prompt)
+    result = evaluate_adapter(params, args.dataset, None if args.base_only else args.adapter,
+                              metrics_dir=args.metrics_dir, prompt=prompt)
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(json.dumps(result["summary"], indent=2))

@@ -77,3 +77,16 @@ def evaluate(params: Params, eval_jsonl: str | Path, adapter_dir: str | Path | N
         if metrics_dir is not None:
             tracker.log_artifact(Path(metrics_dir) / "report.html")
     return result
+
+
+def evaluate_adapter(params: Params, eval_jsonl: str | Path, adapter_dir: str | Path | None,
+                     metrics_dir: str | Path | None = None, prompt: str | None = None, progress: bool = True) -> dict:
+    """evaluate(), with the scores logged to the MLflow run that trained the adapter (when it has one)."""
+    from .tracking import start_run
+    from .train import read_run_info
+
+    run_id = read_run_info(adapter_dir).get("mlflow_run_id") if adapter_dir is not None else None
+    if run_id is None:
+        return evaluate(params, eval_jsonl, adapter_dir, metrics_dir, None, progress, prompt)
+    with start_run(params.tracking, run_id=run_id) as tracker:
+        return evaluate(params, eval_jsonl, adapter_dir, metrics_dir, tracker, progress, prompt)

@@ -1,0 +1,133 @@
+"""Training and decoding speed of full-size DeepSeek-OCR-2 (random weights) on one GPU, baseline vs levers.
+
+Every lever is measured next to the plain baseline in the same process, on the same pages:
+  train:  pages/s (steady, after 3 warm-up steps) and peak GiB per LoRA mode and batch size, through the
+          product's own `train()` loop (plain transformers + PEFT);
+  decode: ms/token at batch 1 (decode steps only: a prefill-only run is subtracted) and tokens/s at larger
+          batches for a fixed output length (EOS suppressed), through `generate()`.
+Levers so far: `no_cudnn_sdpa` (the profiler showed cuDNN's SDPA planning anew for every KV length at decode),
+`static_cache` (+ torch.compile of the decode step, as transformers does for a static cache).
+
+    python benchmarks/speed.py --out results_dir [--part train decode] [--commit SHA]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from common import environment, full_model, synthetic_pages
+
+from ocr_finetune.dataset import read_jsonl
+from ocr_finetune.models import get_family
+from ocr_finetune.models.base import load_image
+from ocr_finetune.params import validate_params
+from ocr_finetune.train import to_device, train
+
+
+def train_runs(base: Path, data: Path, work: Path, steps: int) -> list[dict]:
+    rows = []
+    for mode, batch, ckpt in (("llm", 4, False), ("llm", 8, False), ("both", 4, True), ("both", 8, True)):
+        params = validate_params({
+            "model": {"base": str(base), "resolution": "gundam", "allow_download": False},
+            "lora": {"mode": mode},
+            "train": {"max_steps": steps, "batch_size": batch, "learning_rate": 1e-4, "max_label_tokens": 1000,
+                      "device": "cuda", "dtype": "bfloat16", "gradient_checkpointing": ckpt, "save_every": 0,
+                      "output_dir": str(work / f"adapter-{mode}-{batch}")},
+            "tracking": {"enabled": False}})
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            r = train(params, data, progress=False)
+            rows.append({"lever": "baseline", "mode": mode, "batch": batch, "checkpointing": ckpt,
+                         "pages_per_second": round(r.pages_per_second, 2), "peak_gib": r.peak_memory_gib})
+            del r
+        except torch.OutOfMemoryError:
+            rows.append({"lever": "baseline", "mode": mode, "batch": batch, "checkpointing": ckpt, "error": "OOM"})
+        gc.collect()
+        torch.cuda.empty_cache()
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def decode_inputs(family, processor, examples, batch: int) -> dict:
+    images = [load_image(e.image) for e in examples]
+    images = (images * (batch // len(images) + 1))[:batch]
+    inputs, _ = family.generation_inputs(processor, images, examples[0].prompt)
+    return to_device(inputs, "cuda", torch.bfloat16)
+
+
+def timed_generate(model, inputs, new_tokens: int, **kwargs) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def decode_runs(base: Path, data: Path, new_tokens: int, batches: list[int]) -> list[dict]:
+    family = get_family("deepseek-ocr2")
+    processor = family.load_processor(base, "gundam")
+    examples = read_jsonl(data)
+    model = family.load_model(base, torch.bfloat16, "cuda").eval()
+    tok = processor.tokenizer
+    common = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
+    levers = {
+        "baseline": ({}, lambda: None),
+        "no_cudnn_sdpa": ({}, lambda: torch.backends.cuda.enable_cudnn_sdp(False)),
+        "no_cudnn_sdpa+static_cache": ({"cache_implementation": "static"},
+                                       lambda: torch.backends.cuda.enable_cudnn_sdp(False)),
+    }
+    rows = []
+    for lever, (kwargs, setup) in levers.items():
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        setup()
+        for batch in batches:
+            inputs = decode_inputs(family, processor, examples, batch)
+            try:
+                with torch.inference_mode():
+                    timed_generate(model, inputs, 8, **common, **kwargs)  # warm-up (and compile)
+                    prefill = min(timed_generate(model, inputs, 1, **common, **kwargs) for _ in range(2))
+                    total = min(timed_generate(model, inputs, new_tokens, **common, **kwargs) for _ in range(2))
+                ms_per_step = 1000 * (total - prefill) / (new_tokens - 1)
+                rows.append({"lever": lever, "batch": batch, "new_tokens": new_tokens,
+                             "ms_per_token_step": round(ms_per_step, 2),
+                             "tokens_per_second": round(batch * new_tokens / total, 1),
+                             "decode_tokens_per_second": round(batch * 1000 / ms_per_step, 1),
+                             "prefill_s": round(prefill, 3)})
+            except Exception as e:  # a lever that does not apply to this model is a result too
+                rows.append({"lever": lever, "batch": batch, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            print(json.dumps(rows[-1]), flush=True)
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--work", default="/tmp/ddp_bench")
+    ap.add_argument("--part", nargs="+", default=["train", "decode"])
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--commit")
+    args = ap.parse_args()
+    work, out = Path(args.work), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = full_model(work / "model-full")
+    data = synthetic_pages(work / "data-speed", n=16)
+    result = {"benchmark": "speed", "env": environment(args.commit),
+              "page": "1240x1754 gundam: 1121 image tokens, 1000 target tokens"}
+    if "decode" in args.part:
+        result["decode"] = decode_runs(base, data, args.new_tokens, args.batches)
+    if "train" in args.part:
+        result["train"] = train_runs(base, data, work, args.steps)
+    (out / "speed.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
