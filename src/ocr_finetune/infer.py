@@ -25,9 +25,18 @@ from .train import load_base, read_run_info, to_device
 class LocalModel:
     """A loaded model ready to transcribe: the family's functions, the model and its processor."""
 
-    def __init__(self, params: Params, adapter_dir: str | Path | None = None, device: str = "auto"):
+    def __init__(self, params: Params, adapter_dir: str | Path | None = None, device: str = "auto",
+                 static_cache: bool | None = None):
         self.device = pick_device(device)
         self.dtype = pick_dtype(params.train.dtype, self.device)
+        # Fast decoding on CUDA (benchmarks/speed.py, H100, full size, batch 1: 15.7 -> 3.2 ms/token): a static
+        # KV cache, which transformers decodes through torch.compile, and no cuDNN attention, which planned
+        # anew for every KV length. The first batch pays the compilation (tens of seconds).
+        choice = params.evaluate.static_cache
+        self.static_cache = static_cache if static_cache is not None else (
+            choice == "on" or (choice == "auto" and self.device.startswith("cuda")))
+        if self.static_cache and self.device.startswith("cuda"):
+            torch.backends.cuda.enable_cudnn_sdp(False)
         if adapter_dir is not None:
             # Train and infer must agree on the base and the image views, or the adapter sees other inputs.
             info = read_run_info(adapter_dir)
@@ -52,7 +61,8 @@ class LocalModel:
         tok = self.processor.tokenizer
         out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                   no_repeat_ngram_size=no_repeat_ngram_size or None,
-                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                  cache_implementation="static" if self.static_cache else None)
         results = []
         for row in out[:, width:]:
             stopped = bool((row == tok.eos_token_id).any())

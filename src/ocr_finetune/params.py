@@ -187,6 +187,8 @@ class EvaluateParams(_Section):
     collapse_whitespace: bool = True
     markdown: Literal["keep", "strip"] = "keep"  # strip: score the text only, not #, **, |, list markers
     loop_threshold: float = Field(0.5, gt=0.0, le=1.0)  # repeated word 8-gram share that counts as a loop
+    # Decoding (evaluate, infer, local teacher): a static KV cache decoded through torch.compile; auto = on CUDA.
+    static_cache: Literal["auto", "on", "off"] = "auto"
 
 
 class TrackingParams(_Section):
