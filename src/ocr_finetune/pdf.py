@@ -8,7 +8,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import pymupdf
 from tqdm.auto import tqdm
 
 PAGE_IMAGE = re.compile(r"^(?P<doc>.+)_p(?P<page>\d+)\.(?P<ext>png|jpe?g)$", re.IGNORECASE)
@@ -54,7 +53,7 @@ def parse_page_image_name(name: str) -> tuple[str, int] | None:
     return (m["doc"], int(m["page"])) if m else None
 
 
-def open_pdf(path: str | Path) -> pymupdf.Document:
+def open_pdf(path: str | Path) -> "pymupdf.Document":  # noqa: F821
     """Open a PDF or raise PdfError saying why not.
 
     PyMuPDF opens some broken files without complaint (a truncated file is silently 'repaired' into empty
@@ -63,6 +62,8 @@ def open_pdf(path: str | Path) -> pymupdf.Document:
     path = Path(path)
     if not path.is_file():
         raise PdfError(f"{path}: file not found")
+    import pymupdf  # here, not at the top: inference on page images runs without PyMuPDF
+
     try:
         doc = pymupdf.open(path)
     except (pymupdf.FileDataError, pymupdf.EmptyFileError, RuntimeError, ValueError) as e:
@@ -89,6 +90,8 @@ def list_pdfs(source: str | Path) -> list[Path]:
 
 def _render_one(task) -> tuple[str, int, int, bool]:
     pdf_path, index, out_path, dpi, fmt = task
+    import pymupdf
+
     with pymupdf.open(pdf_path) as doc:
         page = doc[index]
         has_text = bool(page.get_text("text").strip())
