@@ -5,8 +5,9 @@ Every lever is measured next to the plain baseline in the same process, on the s
           product's own `train()` loop (plain transformers + PEFT);
   decode: ms/token at batch 1 (decode steps only: a prefill-only run is subtracted) and tokens/s at larger
           batches for a fixed output length (EOS suppressed), through `generate()`.
-Levers so far: `no_cudnn_sdpa` (the profiler showed cuDNN's SDPA planning anew for every KV length at decode),
-`static_cache` (+ torch.compile of the decode step, as transformers does for a static cache).
+Levers so far: decode `no_cudnn_sdpa` (the profiler showed cuDNN's SDPA planning anew for every KV length),
+`static_cache` (+ torch.compile of the decode step, as transformers does for a static cache); train
+`logits_on_targets` (the LM head and loss over target positions only).
 
     python benchmarks/speed.py --out results_dir [--part train decode] [--commit SHA]
 """
@@ -30,24 +31,28 @@ from ocr_finetune.params import validate_params
 from ocr_finetune.train import to_device, train
 
 
-def train_runs(base: Path, data: Path, work: Path, steps: int) -> list[dict]:
+TRAIN_LEVERS = {"baseline": {"logits_on_targets": False}, "logits_on_targets": {"logits_on_targets": True}}
+
+
+def train_runs(base: Path, data: Path, work: Path, steps: int, configs) -> list[dict]:
     rows = []
-    for mode, batch, ckpt in (("llm", 4, False), ("llm", 8, False), ("both", 4, True), ("both", 8, True)):
+    for (mode, batch, ckpt), (lever, settings) in [(c, lv) for c in configs for lv in TRAIN_LEVERS.items()]:
         params = validate_params({
             "model": {"base": str(base), "resolution": "gundam", "allow_download": False},
             "lora": {"mode": mode},
             "train": {"max_steps": steps, "batch_size": batch, "learning_rate": 1e-4, "max_label_tokens": 1000,
                       "device": "cuda", "dtype": "bfloat16", "gradient_checkpointing": ckpt, "save_every": 0,
-                      "output_dir": str(work / f"adapter-{mode}-{batch}")},
+                      "output_dir": str(work / f"adapter-{mode}-{batch}"), **settings},
             "tracking": {"enabled": False}})
         torch.cuda.reset_peak_memory_stats()
         try:
             r = train(params, data, progress=False)
-            rows.append({"lever": "baseline", "mode": mode, "batch": batch, "checkpointing": ckpt,
-                         "pages_per_second": round(r.pages_per_second, 2), "peak_gib": r.peak_memory_gib})
+            rows.append({"lever": lever, "mode": mode, "batch": batch, "checkpointing": ckpt,
+                         "pages_per_second": round(r.pages_per_second, 2), "peak_gib": r.peak_memory_gib,
+                         "loss_first": round(r.losses[0], 4), "loss_last": round(r.losses[-1], 4)})
             del r
         except torch.OutOfMemoryError:
-            rows.append({"lever": "baseline", "mode": mode, "batch": batch, "checkpointing": ckpt, "error": "OOM"})
+            rows.append({"lever": lever, "mode": mode, "batch": batch, "checkpointing": ckpt, "error": "OOM"})
         gc.collect()
         torch.cuda.empty_cache()
         print(json.dumps(rows[-1]), flush=True)
@@ -114,6 +119,8 @@ def main():
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--train-configs", nargs="+", default=["llm:4:none", "llm:8:none", "both:4:ckpt", "both:8:ckpt"],
+                    help="mode:batch:ckpt|none")
     ap.add_argument("--commit")
     args = ap.parse_args()
     work, out = Path(args.work), Path(args.out)
@@ -125,7 +132,8 @@ def main():
     if "decode" in args.part:
         result["decode"] = decode_runs(base, data, args.new_tokens, args.batches)
     if "train" in args.part:
-        result["train"] = train_runs(base, data, work, args.steps)
+        configs = [(m, int(b), c == "ckpt") for m, b, c in (x.split(":") for x in args.train_configs)]
+        result["train"] = train_runs(base, data, work, args.steps, configs)
     (out / "speed.json").write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -165,3 +165,30 @@ def test_v1_checkpoint_uses_the_original_weight_names_and_loads_without_gaps(tin
     assert model.config.text_config.layer_types == ["full_attention"] * 2  # v1 attends to all it generated
     config = json.loads((tiny_v1_dir / "config.json").read_text())
     assert config["model_type"] == "unlimited_ocr"
+
+
+@pytest.mark.parametrize("family_name", ["deepseek-ocr2", "deepseek-ocr"])
+def test_loss_on_target_positions_equals_the_full_loss(checkpoints, family_name):
+    """train.logits_on_targets: left padding and the LM head over the target positions only give the loss
+    (and gradients) of the plain right-padded forward."""
+    from ocr_finetune.train import batch_loss
+
+    family, path = get_family(family_name), checkpoints[family_name]
+    processor = family.load_processor(path, "gundam")
+    items = [family.encode_example(processor, page(size), PROMPT, text, 48)
+             for size, text in (((500, 600), "# A"), ((800, 1000), "| a | b |\n| --- | --- |"),
+                                ((1000, 700), "long text " * 9))]
+    losses, grads = [], []
+    for left in (False, True):
+        torch.manual_seed(0)
+        model = attach_lora_from_params(family.load_model(path, torch.float32, "cpu"), family, LoraParams())
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+        loss = batch_loss(model, pad_batch(items, processor.tokenizer.pad_token_id, family, left=left), left)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for n, p in sorted(model.named_parameters()) if p.requires_grad]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-6)

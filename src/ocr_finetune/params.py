@@ -162,6 +162,7 @@ class TrainParams(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     gradient_checkpointing: bool = False
+    logits_on_targets: bool = True  # the LM head only over target positions (train.batch_loss)
     log_every: int = Field(1, ge=1)
     output_dir: str = "models/adapter"
     # Interrupted runs continue from the last checkpoint (same params and data) instead of restarting.

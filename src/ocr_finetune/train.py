@@ -72,17 +72,36 @@ def quantization(dtype: torch.dtype, device: str) -> dict:
     return {"quantization_config": config, "device_map": {"": device}}
 
 
-def pad_batch(items, pad_id: int, family) -> dict:
-    """Right-pad a list of Encoded examples into one batch."""
+def pad_batch(items, pad_id: int, family, left: bool = False) -> dict:
+    """Pad a list of Encoded examples into one batch (on the right, or on the left so that every example's
+    target ends at the last position)."""
     width = max(len(x.input_ids) for x in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), width), -100, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
     for i, x in enumerate(items):
         n = len(x.input_ids)
-        ids[i, :n], labels[i, :n], mask[i, :n] = x.input_ids, x.labels, 1
+        span = slice(width - n, width) if left else slice(0, n)
+        ids[i, span], labels[i, span], mask[i, span] = x.input_ids, x.labels, 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask,
             **family.collate_pixels([x.pixel for x in items])}
+
+
+def batch_loss(model, batch: dict, targets_only: bool) -> torch.Tensor:
+    """Mean cross-entropy over the batch's target tokens.
+
+    targets_only (batches left-padded, so every target sits at the end): the language-model head runs over
+    the last positions that hold targets only, not over the image and prompt tokens before them. On a full
+    page that is about half the positions, and the logits (positions x 129k vocabulary) are the largest
+    activation of the step.
+    """
+    if not targets_only:
+        return model(**batch).loss
+    labels = batch["labels"]
+    keep = int((labels != -100).sum(1).max()) + 1
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=keep).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                             labels[:, -keep + 1:].flatten(), ignore_index=-100)
 
 
 def to_device(batch: dict, device: str, dtype: torch.dtype) -> dict:
@@ -184,7 +203,8 @@ def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = Non
         for micro_batches in plan[first_step:]:
             yield micro_batches, [
                 to_device(pad_batch([data[i] for i in mb[rank.rank::rank.world_size]],
-                                    processor.tokenizer.pad_token_id, family), device, dtype)
+                                    processor.tokenizer.pad_token_id, family, left=tp.logits_on_targets),
+                          device, dtype)
                 for mb in micro_batches]
 
     step_ends: list[float] = []
@@ -202,7 +222,7 @@ def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = Non
             share = sum(target_tokens[i] for i in mb[rank.rank::rank.world_size]) / step_tokens
             sync = k == len(micro_batches) - 1 or not rank.enabled  # all-reduce gradients once per step
             with contextlib.nullcontext() if sync else model.no_sync():
-                loss = model(**batch).loss * share
+                loss = batch_loss(model, batch, tp.logits_on_targets) * share
                 (loss * rank.world_size).backward()
             step_loss += loss.item()
         step_loss = distributed.sum_across(step_loss, rank, device)
