@@ -1,10 +1,8 @@
-import re
-
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from ocr_finetune.lora import attach_lora, load_adapter, lora_modules, trainable_parameters
+from ocr_finetune.lora import attach_lora, load_adapter
 from ocr_finetune.models import get_family
 from ocr_finetune.models.base import ModelLoadError, load_image
 from ocr_finetune.models.deepseek_ocr2 import checkpoint_dir, encode_example, load_model, load_processor
@@ -55,33 +53,6 @@ def test_gundam_resolution_tiles_pages(tiny_dir):
     assert n_tiles >= 2
     n_image = int((ex.input_ids == processor.tokenizer.convert_tokens_to_ids("<image>")).sum())
     assert n_image == 256 + 144 * n_tiles + 1
-
-
-@pytest.mark.parametrize("mode", ["vision", "llm", "both"])
-def test_adapter_round_trips_exactly(tiny_dir, tmp_path, mode):
-    """Saved and reloaded the way evaluate/infer load it, the adapter gives the same logits as in memory
-    (PEFT's own from_pretrained drops an `llm` adapter on this model: the logits would equal the base's)."""
-    processor = load_processor(tiny_dir, "nocrop")
-    ex = encode_example(processor, page(), "<image>\nFree OCR.", "# Hello world", max_label_tokens=32)
-    inputs = {"input_ids": ex.input_ids[None], "attention_mask": torch.ones_like(ex.input_ids)[None],
-              **family.collate_pixels([ex.pixel])}
-    torch.manual_seed(0)
-    with torch.no_grad():
-        base_logits = load_model(tiny_dir, torch.float32, "cpu")(**inputs).logits
-    tuned = attach_lora(load_model(tiny_dir, torch.float32, "cpu"), family.lora_targets(mode), 8, 16, 0.0)
-    with torch.no_grad():
-        for name, p in tuned.named_parameters():
-            if "lora_B" in name:  # a trained adapter: B is no longer zero
-                p.normal_(0, 0.5)
-    tuned.eval()
-    with torch.no_grad():
-        tuned_logits = tuned(**inputs).logits
-    assert not torch.allclose(tuned_logits, base_logits, atol=1e-4)
-    tuned.save_pretrained(tmp_path / "adapter")
-    reloaded = load_adapter(load_model(tiny_dir, torch.float32, "cpu"), tmp_path / "adapter")
-    with torch.no_grad():
-        reloaded_logits = reloaded(**inputs).logits
-    assert torch.allclose(reloaded_logits, tuned_logits, rtol=0, atol=1e-6), (reloaded_logits - tuned_logits).abs().max()
 
 
 def test_adapter_with_missing_tensors_is_refused(tiny_dir, tmp_path):
