@@ -17,7 +17,7 @@ SECRET = "hf_" + "x" * 12 + "notreal"
 
 def cli(*args, cwd=None, env=None):
     r = subprocess.run([sys.executable, str(ROOT / "main.py"), *map(str, args)], cwd=cwd, capture_output=True,
-                       text=True, env=env)
+                       text=True, env=env, timeout=600)  # a hang fails the test instead of stalling CI
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 

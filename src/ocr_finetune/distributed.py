@@ -12,10 +12,12 @@ passes per optimizer step. The learning rate belongs to that global batch and ne
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -62,8 +64,17 @@ def setup(device: str) -> tuple[Dist, str]:
 
 
 def teardown() -> None:
+    """Leave the process group.
+
+    gloo finishes collectives on its own thread, which takes the GIL to free the Python tensors they held.
+    Destroying the group joins that thread; done while the thread still waits for the GIL (which the main
+    thread holds), both wait forever. A test caught this as a rare hang after training. So: drop the DDP
+    wrapper first (train does), pass a barrier, give the thread the GIL to drain, then destroy.
+    """
     if dist.is_initialized():
         dist.barrier()
+        gc.collect()
+        time.sleep(0.2)  # sleeping releases the GIL to gloo's thread
         dist.destroy_process_group()
 
 

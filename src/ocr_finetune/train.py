@@ -265,6 +265,7 @@ def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = Non
         tracker.log_metrics({"final_loss": losses[-1], "train_seconds": seconds,
                              "pages_per_second": result.pages_per_second})
         tracker.log_artifacts(out, artifact_path="adapter")
+    del model  # the DDP wrapper (its reducer holds the process group) goes before the group does
     distributed.teardown()
     return result
 
