@@ -69,13 +69,13 @@ def cmd_infer(args):
         raise ParamsError("infer needs --pdf FILE_OR_DIR or --images DIR, and --output DIR")
     out = Path(args.output)
     if args.pdf:
-        from .pdf import list_pdfs, render_pages
+        from .pdf import render_pages
 
         manifest = render_pages(args.pdf, out / "pages", dpi=args.dpi, workers=params.pdf2img.workers)
         for skipped in manifest.skipped:
             print(f"skipped {skipped['pdf']}: {skipped['reason']}")
-        pdfs = list_pdfs(args.pdf)
-        pages = image_pages([out / "pages" / p.image for p in manifest.pages], pdfs[0].parent if pdfs else None)
+        pdf_dir = Path(args.pdf) if Path(args.pdf).is_dir() else Path(args.pdf).parent
+        pages = image_pages([out / "pages" / p.image for p in manifest.pages], pdf_dir)
     else:
         folder = Path(args.images)
         if not folder.is_dir():

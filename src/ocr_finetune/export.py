@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from .lora import ADAPTER_WEIGHTS, load_adapter
 from .models.base import write_json
 from .params import Params
-from .train import RUN_INFO, load_base, read_run_info
+from .train import RUN_INFO, adapter_params, load_base, read_run_info
 
 # Our module paths -> the original checkpoints' (the reverse of transformers' load-time renaming).
 _TO_ORIGINAL = [(r"\.model\.language_model\.", ".model.")]
@@ -33,21 +33,10 @@ def original_name(key: str) -> str:
     return key
 
 
-def run_params(params: Params, adapter_dir: Path) -> Params:
-    """params with the family, base and resolution the adapter was trained with."""
-    info = read_run_info(adapter_dir)
-    if not info:
-        return params
-    params = params.model_copy(deep=True)
-    params.model.family, params.model.base, params.model.resolution = (
-        info["family"], info["base"], info["resolution"])
-    return params
-
-
 def export_merged(params: Params, adapter_dir: str | Path, out_dir: str | Path,
                   dtype: torch.dtype = torch.bfloat16) -> Path:
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    params = run_params(params, adapter_dir)
+    params = adapter_params(params, adapter_dir)
     _, model, processor, _ = load_base(params, "cpu", dtype)
     merged = load_adapter(model, adapter_dir).merge_and_unload()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from .params import DEFAULT_PROMPT, Params
 from .teachers.base import PageInput, PageLabel
 from .pdf import parse_page_image_name
 from .runtime import pick_device, pick_dtype
-from .train import load_base, read_run_info, to_device
+from .train import adapter_params, load_base, to_device
 
 
 class LocalModel:
@@ -38,13 +38,7 @@ class LocalModel:
         if self.static_cache and self.device.startswith("cuda"):
             torch.backends.cuda.enable_cudnn_sdp(False)
         if adapter_dir is not None:
-            # Train and infer must agree on the base and the image views, or the adapter sees other inputs.
-            info = read_run_info(adapter_dir)
-            if info and (info.get("base"), info.get("resolution")) != (params.model.base, params.model.resolution):
-                print(f"note: {adapter_dir} was trained on model.base={info['base']} with "
-                      f"model.resolution={info['resolution']}; using those, not params.yaml's", flush=True)
-                params = params.model_copy(deep=True)
-                params.model.base, params.model.resolution = info["base"], info["resolution"]
+            params = adapter_params(params, adapter_dir)
         self.family, model, self.processor, _ = load_base(params, self.device, self.dtype)
         self.model = load_adapter(model, adapter_dir) if adapter_dir is not None else model
         self.model.eval()

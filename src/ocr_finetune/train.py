@@ -307,6 +307,20 @@ def versions() -> dict:
             "peft": peft.__version__}
 
 
+def adapter_params(params: Params, adapter_dir: str | Path) -> Params:
+    """params with the family, base and resolution an adapter was trained with: train and infer must agree on
+    them, or the adapter sees other inputs (or another model). Says so when params.yaml differs."""
+    info = read_run_info(adapter_dir)
+    keys = ("family", "base", "resolution")
+    trained = {k: info.get(k, getattr(params.model, k)) for k in keys}
+    if not info or all(trained[k] == getattr(params.model, k) for k in keys):
+        return params
+    print(f"note: {adapter_dir} was trained on " + ", ".join(f"model.{k}={v}" for k, v in trained.items())
+          + "; using those, not params.yaml's", flush=True)
+    # Together, not one key at a time: a family and its resolution presets are only valid as a pair.
+    return params.model_copy(update={"model": params.model.model_copy(update=trained)}, deep=True)
+
+
 def read_run_info(adapter_dir: str | Path) -> dict:
     path = Path(adapter_dir) / RUN_INFO
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
