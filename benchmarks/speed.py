@@ -6,8 +6,9 @@ Every lever is measured next to the plain baseline in the same process, on the s
   decode: ms/token at batch 1 (decode steps only: a prefill-only run is subtracted) and tokens/s at larger
           batches for a fixed output length (EOS suppressed), through `generate()`.
 Levers so far: decode `no_cudnn_sdpa` (the profiler showed cuDNN's SDPA planning anew for every KV length),
-`static_cache` (+ torch.compile of the decode step, as transformers does for a static cache); train
-`logits_on_targets` (the LM head and loss over target positions only).
+`static_cache` (+ torch.compile of the decode step, as transformers does for a static cache); train, cumulative:
+`logits_on_targets` (the LM head and loss over target positions only), `lora_in_model_dtype` (LoRA branches in
+bf16, weights float32), `vision_feature_cache` (llm mode: each page's image features computed once).
 
     python benchmarks/speed.py --out results_dir [--part train decode] [--commit SHA]
 """
@@ -31,24 +32,41 @@ from ocr_finetune.params import validate_params
 from ocr_finetune.train import to_device, train
 
 
-TRAIN_LEVERS = {"baseline": {"logits_on_targets": False}, "logits_on_targets": {"logits_on_targets": True}}
+# Cumulative: each lever adds to the ones above it; the last line of a mode is the product's default.
+PLAIN = {"train": {"logits_on_targets": False, "cache_vision_features": False}, "lora": {"compute": "float32"}}
+TRAIN_LEVERS = {
+    "baseline": PLAIN,
+    "+logits_on_targets": {"train": {"logits_on_targets": True, "cache_vision_features": False},
+                           "lora": {"compute": "float32"}},
+    "+lora_in_model_dtype": {"train": {"logits_on_targets": True, "cache_vision_features": False},
+                             "lora": {"compute": "model_dtype"}},
+    "+vision_feature_cache": {"train": {}, "lora": {}},  # llm only: the frozen towers run once per page
+}
 
 
-def train_runs(base: Path, data: Path, work: Path, steps: int, configs) -> list[dict]:
+def train_runs(base: Path, data: Path, work: Path, steps: int, configs, levers: list[str]) -> list[dict]:
     rows = []
-    for (mode, batch, ckpt), (lever, settings) in [(c, lv) for c in configs for lv in TRAIN_LEVERS.items()]:
+    for (mode, batch, ckpt), lever in [(c, lv) for c in configs for lv in levers]:
+        if lever == "+vision_feature_cache" and mode != "llm":
+            continue
+        settings = TRAIN_LEVERS[lever]
         params = validate_params({
             "model": {"base": str(base), "resolution": "gundam", "allow_download": False},
-            "lora": {"mode": mode},
+            "lora": {"mode": mode, **settings["lora"]},
             "train": {"max_steps": steps, "batch_size": batch, "learning_rate": 1e-4, "max_label_tokens": 1000,
                       "device": "cuda", "dtype": "bfloat16", "gradient_checkpointing": ckpt, "save_every": 0,
-                      "output_dir": str(work / f"adapter-{mode}-{batch}"), **settings},
+                      "output_dir": str(work / f"adapter-{mode}-{batch}"), **settings["train"]},
             "tracking": {"enabled": False}})
         torch.cuda.reset_peak_memory_stats()
         try:
             r = train(params, data, progress=False)
+            pages = len(read_jsonl(data))
             rows.append({"lever": lever, "mode": mode, "batch": batch, "checkpointing": ckpt,
                          "pages_per_second": round(r.pages_per_second, 2), "peak_gib": r.peak_memory_gib,
+                         # one epoch including the vision-feature pass (zero without the cache)
+                         "epoch_pages_per_second": round(pages / (pages / r.pages_per_second
+                                                                  + r.vision_feature_seconds), 2),
+                         "vision_feature_seconds": round(r.vision_feature_seconds, 2),
                          "loss_first": round(r.losses[0], 4), "loss_last": round(r.losses[-1], 4)})
             del r
         except torch.OutOfMemoryError:
@@ -119,8 +137,9 @@ def main():
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--train-configs", nargs="+", default=["llm:4:none", "llm:8:none", "both:4:ckpt", "both:8:ckpt"],
+    ap.add_argument("--train-configs", nargs="+", default=["llm:4:none", "llm:8:none", "both:8:ckpt"],
                     help="mode:batch:ckpt|none")
+    ap.add_argument("--levers", nargs="+", default=list(TRAIN_LEVERS), choices=list(TRAIN_LEVERS))
     ap.add_argument("--commit")
     args = ap.parse_args()
     work, out = Path(args.work), Path(args.out)
@@ -133,7 +152,7 @@ def main():
         result["decode"] = decode_runs(base, data, args.new_tokens, args.batches)
     if "train" in args.part:
         configs = [(m, int(b), c == "ckpt") for m, b, c in (x.split(":") for x in args.train_configs)]
-        result["train"] = train_runs(base, data, work, args.steps, configs)
+        result["train"] = train_runs(base, data, work, args.steps, configs, args.levers)
     (out / "speed.json").write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -194,3 +194,72 @@ def test_loss_on_target_positions_equals_the_full_loss(checkpoints, family_name)
         grads.append(torch.cat([p.grad.flatten() for n, p in sorted(model.named_parameters()) if p.requires_grad]))
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("family_name", ["deepseek-ocr2", "deepseek-ocr"])
+def test_cached_vision_features_give_the_loss_and_gradients_of_pixels(checkpoints, family_name):
+    """train.cache_vision_features (lora.mode llm): features computed once, in place of the pixels, give the
+    step the same loss and adapter gradients as running the frozen vision towers in the step."""
+    from ocr_finetune.train import batch_loss, cache_vision_features
+
+    family, path = get_family(family_name), checkpoints[family_name]
+    processor = family.load_processor(path, "gundam")
+    items = [family.encode_example(processor, page(size, box), PROMPT, text, 48)
+             for size, box, text in (((500, 600), None, "# A"), ((1300, 900), [50, 80, 900, 300], "| a | b |"),
+                                     ((700, 700), [10, 300, 600, 650], "long text " * 9))]
+    torch.manual_seed(0)
+    model = attach_lora_from_params(family.load_model(path, torch.float32, "cpu"), family, LoraParams(mode="llm"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    model.train()
+    pad = processor.tokenizer.pad_token_id
+    losses, grads = [], []
+    for cached in (False, True):
+        if cached:
+            cache_vision_features(model, family, items, 2, "cpu", torch.float32, show=False)
+            assert all(x.pixel == {} and x.features is not None for x in items)
+        batch = pad_batch(items, pad, family, left=True)
+        assert ("image_features" in batch) == cached and ("pixel_values" in batch) != cached
+        loss = batch_loss(model, batch, True)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for _, p in sorted(model.named_parameters()) if p.requires_grad]))
+        model.zero_grad(set_to_none=True)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["llm", "vision"])
+def test_lora_computes_in_the_model_dtype_with_float32_weights(tiny_dir, mode):
+    """lora.compute=model_dtype: on a bf16 model the LoRA branches see bf16 inputs (no float32 copy of the
+    activations), while their weights and gradients stay float32; the loss matches PEFT's float32 branches
+    within bf16 rounding."""
+    family = get_family("deepseek-ocr2")
+    processor = family.load_processor(tiny_dir, "gundam")
+    items = [family.encode_example(processor, page((800, 1000)), PROMPT, "| a | b |\n| --- | --- |", 48)]
+    batch = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+             for k, v in pad_batch(items, processor.tokenizer.pad_token_id, family).items()}
+    losses = {}
+    for compute in ("float32", "model_dtype"):
+        torch.manual_seed(0)
+        model = attach_lora_from_params(family.load_model(tiny_dir, torch.bfloat16, "cpu"), family,
+                                        LoraParams(mode=mode, compute=compute))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+        seen = set()
+        hooks = [m.register_forward_pre_hook(lambda _, args: seen.add(args[0].dtype))
+                 for n, m in model.named_modules() if n.endswith("lora_A.default")]
+        loss = model(**batch).loss
+        loss.backward()
+        for h in hooks:
+            h.remove()
+        assert seen == {torch.float32 if compute == "float32" else torch.bfloat16}
+        trained = [p for p in model.parameters() if p.requires_grad]
+        assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in trained)
+        assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n)
+        losses[compute] = loss.item()
+    assert losses["model_dtype"] == pytest.approx(losses["float32"], rel=2e-2)

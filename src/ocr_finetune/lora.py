@@ -6,24 +6,55 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peft.tuners.lora.layer import Linear as LoraLinear
 from safetensors.torch import load_file
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def attach_lora(model, targets: str, r: int, alpha: int, dropout: float,
-                target_parameters: list[str] | None = None) -> PeftModel:
+                target_parameters: list[str] | None = None, compute: str = "model_dtype") -> PeftModel:
     """LoRA on the modules whose full path matches `targets`, and on parameters (the fused routed experts,
-    which are 3-D tensors, not nn.Linear) named in `target_parameters`."""
+    which are 3-D tensors, not nn.Linear) named in `target_parameters`. compute: see compute_in_model_dtype."""
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
                         target_parameters=target_parameters or None)
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    if compute == "model_dtype":
+        compute_in_model_dtype(model)
+    return model
 
 
 def attach_lora_from_params(model, family, lora) -> PeftModel:
-    """attach_lora as `params.lora` asks (mode, rank, alpha, dropout, experts) for this family."""
+    """attach_lora as `params.lora` asks (mode, rank, alpha, dropout, experts, compute) for this family."""
     return attach_lora(model, family.lora_targets(lora.mode), lora.r, lora.alpha, lora.dropout,
-                       family.EXPERT_PARAMETERS if lora.experts else None)
+                       family.EXPERT_PARAMETERS if lora.experts else None, lora.compute)
+
+
+class _InputDtypeLinear(torch.nn.Linear):
+    """A LoRA A or B matrix kept in float32 (for the optimizer) but applied in its input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
+
+
+def compute_in_model_dtype(model) -> None:
+    """Run the LoRA branches in the activations' dtype (bf16 on GPU), as autocast would; weights, gradients
+    and optimizer state stay float32.
+
+    PEFT keeps adapter weights in float32 and casts every adapted layer's input to float32: on a bf16 model
+    that is a float32 copy of each input, float32 matmuls and a float32 sum per layer. On full-size
+    DeepSeek-OCR-2 (H200) it made the vision towers' forward three times slower with LoRA on them than
+    without (benchmarks/results/profile_*.json). Here the small A and B matrices are cast instead (r x d, not
+    tokens x d); the cast is differentiable, so their gradients arrive in float32. A no-op on a float32 model.
+    """
+    for module in model.modules():
+        if isinstance(module, LoraLinear):  # not the experts' ParamWrapper: it applies A and B as weights
+            module.cast_input_dtype_enabled = False
+            for factors in (module.lora_A, module.lora_B):
+                for linear in factors.values():
+                    if type(linear) is torch.nn.Linear:
+                        linear.__class__ = _InputDtypeLinear
 
 
 def trainable_parameters(model) -> int:
@@ -40,7 +71,7 @@ def lora_modules(model) -> list[str]:
     return names
 
 
-def load_adapter(base_model, adapter_dir: str | Path) -> PeftModel:
+def load_adapter(base_model, adapter_dir: str | Path, compute: str = "model_dtype") -> PeftModel:
     """Load a saved adapter onto a base model and check every adapter tensor landed.
 
     `PeftModel.from_pretrained` is not used: with transformers 5.23 + PEFT 0.21 it renames language-model
@@ -55,6 +86,8 @@ def load_adapter(base_model, adapter_dir: str | Path) -> PeftModel:
     config = PeftConfig.from_pretrained(adapter_dir)
     config.inference_mode = True
     model = get_peft_model(base_model, config)
+    if compute == "model_dtype":
+        compute_in_model_dtype(model)
     saved = load_file(str(weights))
     state = model.state_dict()
     renamed = {}

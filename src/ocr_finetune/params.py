@@ -140,6 +140,9 @@ class LoraParams(_Section):
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     experts: bool = False  # also adapt the routed experts (fused parameters, through PEFT target_parameters)
+    # LoRA branches computed in the model's dtype (bf16 on GPU) with float32 weights (lora.compute_in_model_dtype),
+    # or wholly in float32 as PEFT does by default (slower: a float32 copy of every adapted layer's input).
+    compute: Literal["model_dtype", "float32"] = "model_dtype"
 
     @model_validator(mode="after")
     def _experts_in_llm(self):
@@ -163,6 +166,8 @@ class TrainParams(_Section):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     gradient_checkpointing: bool = False
     logits_on_targets: bool = True  # the LM head only over target positions (train.batch_loss)
+    # lora.mode llm: the frozen vision towers run once per page, not once per step (train.cache_vision_features)
+    cache_vision_features: bool = True
     log_every: int = Field(1, ge=1)
     output_dir: str = "models/adapter"
     # Interrupted runs continue from the last checkpoint (same params and data) instead of restarting.

@@ -23,6 +23,7 @@ class Encoded:
     input_ids: torch.Tensor  # (L,)
     labels: torch.Tensor  # (L,) -100 on BOS, prompt and image tokens
     pixel: dict  # family-specific image tensors for this one example
+    features: torch.Tensor | None = None  # its image features (train.cache_vision_features), once computed
 
 
 def slug(repo_id: str) -> str:
