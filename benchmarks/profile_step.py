@@ -59,6 +59,7 @@ def run_config(base: Path, data: Path, mode: str, batch: int, ckpt: bool) -> dic
     processor = family.load_processor(base, "gundam")
     params = validate_params({"model": {"base": str(base), "resolution": "gundam"}, "lora": {"mode": mode}})
     model = family.load_model(base, torch.bfloat16, "cuda")
+    family.use_fused_sam_attention(model)  # as train() does by default
     model = attach_lora_from_params(model, family, params.lora)
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -113,6 +114,7 @@ def decode_profile(base: Path, data: Path, batch: int, new_tokens: int = 16) -> 
     family = get_family("deepseek-ocr2")
     processor = family.load_processor(base, "gundam")
     model = family.load_model(base, torch.bfloat16, "cuda").eval()
+    family.use_fused_sam_attention(model)
     inputs = decode_inputs(family, processor, read_jsonl(data), batch)
     tok = processor.tokenizer
     kwargs = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id, "do_sample": False}

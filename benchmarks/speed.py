@@ -8,7 +8,8 @@ Every lever is measured next to the plain baseline in the same process, on the s
 Levers so far: decode `no_cudnn_sdpa` (the profiler showed cuDNN's SDPA planning anew for every KV length),
 `static_cache` (+ torch.compile of the decode step, as transformers does for a static cache); train, cumulative:
 `logits_on_targets` (the LM head and loss over target positions only), `lora_in_model_dtype` (LoRA branches in
-bf16, weights float32), `vision_feature_cache` (llm mode: each page's image features computed once).
+bf16, weights float32), `fused_sam_attention` (SAM's relative-position bias folded into q and k, so SDPA runs
+flash kernels), `vision_feature_cache` (llm mode: each page's image features computed once).
 
     python benchmarks/speed.py --out results_dir [--part train decode] [--commit SHA]
 """
@@ -33,14 +34,14 @@ from ocr_finetune.train import to_device, train
 
 
 # Cumulative: each lever adds to the ones above it; the last line of a mode is the product's default.
-PLAIN = {"train": {"logits_on_targets": False, "cache_vision_features": False}, "lora": {"compute": "float32"}}
+NO_CACHE = {"cache_vision_features": False}
 TRAIN_LEVERS = {
-    "baseline": PLAIN,
-    "+logits_on_targets": {"train": {"logits_on_targets": True, "cache_vision_features": False},
-                           "lora": {"compute": "float32"}},
-    "+lora_in_model_dtype": {"train": {"logits_on_targets": True, "cache_vision_features": False},
-                             "lora": {"compute": "model_dtype"}},
-    "+vision_feature_cache": {"train": {}, "lora": {}},  # llm only: the frozen towers run once per page
+    "baseline": {"train": {"logits_on_targets": False, **NO_CACHE}, "lora": {"compute": "float32"},
+                 "model": {"fused_sam_attention": False}},
+    "+logits_on_targets": {"train": NO_CACHE, "lora": {"compute": "float32"}, "model": {"fused_sam_attention": False}},
+    "+lora_in_model_dtype": {"train": NO_CACHE, "lora": {}, "model": {"fused_sam_attention": False}},
+    "+fused_sam_attention": {"train": NO_CACHE, "lora": {}, "model": {}},
+    "+vision_feature_cache": {"train": {}, "lora": {}, "model": {}},  # llm only: frozen towers run once per page
 }
 
 
@@ -51,7 +52,7 @@ def train_runs(base: Path, data: Path, work: Path, steps: int, configs, levers: 
             continue
         settings = TRAIN_LEVERS[lever]
         params = validate_params({
-            "model": {"base": str(base), "resolution": "gundam", "allow_download": False},
+            "model": {"base": str(base), "resolution": "gundam", "allow_download": False, **settings["model"]},
             "lora": {"mode": mode, **settings["lora"]},
             "train": {"max_steps": steps, "batch_size": batch, "learning_rate": 1e-4, "max_label_tokens": 1000,
                       "device": "cuda", "dtype": "bfloat16", "gradient_checkpointing": ckpt, "save_every": 0,
@@ -104,6 +105,10 @@ def decode_runs(base: Path, data: Path, new_tokens: int, batches: list[int]) -> 
         "no_cudnn_sdpa": ({}, lambda: torch.backends.cuda.enable_cudnn_sdp(False)),
         "no_cudnn_sdpa+static_cache": ({"cache_implementation": "static"},
                                        lambda: torch.backends.cuda.enable_cudnn_sdp(False)),
+        # last: it changes the model for good (the prefill's SAM attention)
+        "no_cudnn_sdpa+static_cache+fused_sam_attention": (
+            {"cache_implementation": "static"},
+            lambda: (torch.backends.cuda.enable_cudnn_sdp(False), family.use_fused_sam_attention(model))),
     }
     rows = []
     for lever, (kwargs, setup) in levers.items():
@@ -136,7 +141,7 @@ def main():
     ap.add_argument("--part", nargs="+", default=["train", "decode"])
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--train-configs", nargs="+", default=["llm:4:none", "llm:8:none", "both:8:ckpt"],
                     help="mode:batch:ckpt|none")
     ap.add_argument("--levers", nargs="+", default=list(TRAIN_LEVERS), choices=list(TRAIN_LEVERS))

@@ -46,3 +46,55 @@ def test_static_cache_decoding_matches_plain_decoding(models_cache):
                 top2 = sb.topk(2).values
                 assert top2[0] - top2[1] < 0.1, (row, step)  # only a near tie may flip a greedy token
                 break  # the inputs differ from here on
+
+
+@pytest.mark.parametrize("mode", ["llm", "both"])
+def test_fast_training_step_matches_the_plain_step(tiny_dir, mode):
+    """What train() does by default on CUDA (fused SAM attention, LoRA in bf16 with float32 weights, vision
+    features cached in llm mode, logits on targets only) gives the plain transformers + PEFT step's loss and
+    adapter gradients within bf16 tolerance."""
+    from PIL import Image, ImageDraw
+
+    from ocr_finetune.lora import attach_lora_from_params
+    from ocr_finetune.models import get_family
+    from ocr_finetune.params import LoraParams
+    from ocr_finetune.train import batch_loss, cache_vision_features, pad_batch, to_device
+
+    family = get_family("deepseek-ocr2")
+    processor = family.load_processor(tiny_dir, "gundam")
+    pages = []
+    for i, size in enumerate([(1240, 1754), (900, 700)]):
+        im = Image.new("RGB", size, "white")
+        ImageDraw.Draw(im).rectangle([40, 40 + 200 * i, size[0] - 60, 300 + 200 * i], fill="black")
+        pages.append(im)
+    results = {}
+    for fast in (True, False):
+        items = [family.encode_example(processor, im, "<image>\nFree OCR.", t, 64)
+                 for im, t in zip(pages, ["# Title\n\nbody text", "| a | b |\n| --- | --- |"])]
+        torch.manual_seed(0)
+        model = family.load_model(tiny_dir, torch.bfloat16, "cuda")
+        if fast:
+            family.use_fused_sam_attention(model)
+        model = attach_lora_from_params(model, family, LoraParams(mode=mode,
+                                                                  compute="model_dtype" if fast else "float32"))
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+        model.train()
+        if fast and mode == "llm":
+            for x in items:
+                x.pixel = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                           for k, v in x.pixel.items() if isinstance(v, torch.Tensor)} | {
+                    k: v for k, v in x.pixel.items() if not isinstance(v, torch.Tensor)}
+            cache_vision_features(model, family, items, 2, "cuda", torch.bfloat16, show=False)
+        batch = to_device(pad_batch(items, processor.tokenizer.pad_token_id, family, left=fast), "cuda",
+                          torch.bfloat16)
+        loss = batch_loss(model, batch, fast)
+        loss.backward()
+        grads = torch.cat([p.grad.float().flatten() for _, p in sorted(model.named_parameters()) if p.requires_grad])
+        results[fast] = (loss.item(), grads)
+    (fast_loss, fast_grads), (plain_loss, plain_grads) = results[True], results[False]
+    assert fast_loss == pytest.approx(plain_loss, rel=1e-2)
+    assert torch.nn.functional.cosine_similarity(fast_grads, plain_grads, dim=0) > 0.99

@@ -263,3 +263,40 @@ def test_lora_computes_in_the_model_dtype_with_float32_weights(tiny_dir, mode):
         assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n)
         losses[compute] = loss.item()
     assert losses["model_dtype"] == pytest.approx(losses["float32"], rel=2e-2)
+
+
+@pytest.mark.parametrize("family_name", ["deepseek-ocr2", "deepseek-ocr"])
+def test_fused_sam_attention_matches_the_original_layer(checkpoints, family_name):
+    """models._deepseek.use_fused_sam_attention: the relative-position bias folded into q and k gives the
+    original layer's image features and LoRA gradients (float32), for windowed and global layers."""
+    family, path = get_family(family_name), checkpoints[family_name]
+    processor = family.load_processor(path, "gundam")
+    items = [family.encode_example(processor, page((1300, 900), [50, 80, 900, 300]), PROMPT, "| a | b |", 48)]
+    model = family.load_model(path, torch.float32, "cpu")
+    assert family.use_fused_sam_attention(model) > 0
+    model = attach_lora_from_params(model, family, LoraParams(mode="vision"))
+    sam = [m for m in model.modules() if type(m).__name__.endswith("SamVisionSdpaAttention")]
+    assert sam and all("forward" in vars(m) for m in sam)
+    assert len({m.rel_pos_h.shape[0] for m in sam}) == 2  # windowed and global layers
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in sam:  # SAM's zero init would make the bias vanish
+            m.rel_pos_h.normal_(0, 0.5), m.rel_pos_w.normal_(0, 0.5)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    batch = pad_batch(items, processor.tokenizer.pad_token_id, family)
+    views = {k: batch[k] for k in ("pixel_values", "pixel_values_local", "num_local_patches", "patches_grid")
+             if k in batch}
+    results = []
+    for fused in (True, False):
+        if not fused:
+            for m in sam:
+                del m.forward  # back to the class's forward: the materialised bias
+        features = torch.cat(model.get_base_model().get_image_features(**views, return_dict=True).pooler_output)
+        features.square().mean().backward()
+        grads = torch.cat([p.grad.flatten() for _, p in sorted(model.named_parameters()) if p.requires_grad])
+        results.append((features.detach(), grads))
+        model.zero_grad(set_to_none=True)
+    assert torch.allclose(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], rtol=1e-3, atol=1e-6)

@@ -124,6 +124,8 @@ class ModelParams(_Section):
     resolution: str = "nocrop"
     allow_download: bool = True
     load_in_4bit: bool = False  # QLoRA: base weights in 4 bits (bitsandbytes, CUDA only)
+    # SAM's relative-position attention through SDPA's flash kernels (models._deepseek.use_fused_sam_attention)
+    fused_sam_attention: bool = True
 
     @model_validator(mode="after")
     def _resolution(self):

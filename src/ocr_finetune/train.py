@@ -54,6 +54,8 @@ def load_base(params: Params, device: str, dtype: torch.dtype):
     path = family.checkpoint_dir(params.model.base, params.model.cache_dir, params.model.allow_download)
     extra = quantization(dtype, device) if params.model.load_in_4bit else {}
     model = family.load_model(path, dtype, device, **extra)
+    if params.model.fused_sam_attention:
+        family.use_fused_sam_attention(model)
     return family, model, family.load_processor(path, params.model.resolution), path
 
 
@@ -297,7 +299,7 @@ def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = Non
     out = Path(tp.output_dir)
     result = TrainResult(out, total_steps, losses, n_trainable, seconds,
                          steady_pages_per_second(start, step_ends, tp.batch_size * tp.grad_accum), rank.world_size,
-                         peak_memory_gib(device), peft_model, vision_feature_seconds)
+                         peak_memory_gib(device), vision_feature_seconds=vision_feature_seconds, model=peft_model)
     if rank.is_main:  # one writer: every rank holds the same adapter
         checkpoints.clear()  # finished: a rerun trains afresh
         out.mkdir(parents=True, exist_ok=True)

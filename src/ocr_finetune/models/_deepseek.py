@@ -9,9 +9,11 @@ model reads them by name, so one encoder/collator serves both families.
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .base import Encoded, resolve_checkpoint, write_json
 
@@ -139,3 +141,46 @@ def generation_inputs(processor, images, prompt: str) -> tuple[dict, int]:
         ids[i, width - n:] = e["input_ids"][0]
         mask[i, width - n:] = 1
     return {"input_ids": ids, "attention_mask": mask, **collate_pixels([views(e) for e in encs])}, width
+
+
+# ---------------------------------------------------------------- SAM attention without a materialised bias
+
+def use_fused_sam_attention(model) -> int:
+    """Give the SAM encoder's attention layers a forward that folds the relative-position bias into the
+    dot product, so SDPA runs its flash kernel instead of reading an N x N bias. Returns the layers changed.
+
+    SAM adds a decomposed relative-position bias to every score: rel_h[i, row(j)] + rel_w[i, col(j)]. The
+    transformers code materialises it as a (heads, N, N) tensor, N = 4096 for the 1024px view, so each global
+    layer writes and reads 400 MB per image, SDPA falls back to kernels that take a bias, and training stores
+    and reduces an N x N bias gradient. The same scores come from longer vectors: q' = [q * scale, rel_h, rel_w]
+    and k' = [k, onehot(row(j)), onehot(col(j))], so q'.k' = scale q.k + bias. Exact in exact arithmetic;
+    checked against the original layer in tests/test_model_families.py.
+    """
+    changed = 0
+    for module in model.modules():
+        if type(module).__name__.endswith("SamVisionSdpaAttention") and module.use_rel_pos:
+            module.forward = types.MethodType(_sam_attention_forward, module)
+            changed += 1
+    return changed
+
+
+def _sam_attention_forward(self, hidden_states: torch.Tensor, output_attentions=False):
+    batch, height, width, _ = hidden_states.shape
+    n, heads = height * width, self.num_attention_heads
+    qkv = self.qkv(hidden_states).reshape(batch, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    query, key, value = qkv.unbind(0)  # (batch, heads, n, head_dim)
+    head_dim = query.shape[-1]
+    rows = self.get_rel_pos(height, height, self.rel_pos_h).to(query.dtype)  # (height, height, head_dim)
+    cols = self.get_rel_pos(width, width, self.rel_pos_w).to(query.dtype)
+    grid = query.reshape(batch, heads, height, width, head_dim)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid, rows).reshape(batch, heads, n, height)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid, cols).reshape(batch, heads, n, width)
+    eye_h = torch.eye(height, dtype=query.dtype, device=query.device).repeat_interleave(width, dim=0)  # row(j)
+    eye_w = torch.eye(width, dtype=query.dtype, device=query.device).repeat(height, 1)  # col(j)
+    query = torch.cat([query * self.scale, rel_h, rel_w], dim=-1)
+    key = torch.cat([key, eye_h.expand(batch, heads, n, height), eye_w.expand(batch, heads, n, width)], dim=-1)
+    dim = -(-query.shape[-1] // 8) * 8  # flash kernels take head sizes in multiples of 8, equal for q, k and v
+    query, key = F.pad(query, (0, dim - query.shape[-1])), F.pad(key, (0, dim - key.shape[-1]))
+    out = F.scaled_dot_product_attention(query, key, F.pad(value, (0, dim - head_dim)), scale=1.0)[..., :head_dim]
+    out = out.reshape(batch, heads, height, width, head_dim).permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1)
+    return self.proj(out), None

@@ -31,7 +31,13 @@ from transformers.image_utils import SizeDict, get_image_size
 from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import get_optimal_tiled_canvas
 
 from . import _deepseek
-from ._deepseek import EXPERT_PARAMETERS, collate_pixels, encode_example, generation_inputs  # noqa: F401
+from ._deepseek import (  # noqa: F401
+    EXPERT_PARAMETERS,
+    collate_pixels,
+    encode_example,
+    generation_inputs,
+    use_fused_sam_attention,
+)
 from .base import ModelLoadError
 
 NAME = "deepseek-ocr"

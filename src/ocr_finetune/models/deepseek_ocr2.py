@@ -19,7 +19,13 @@ from transformers import (
 )
 
 from . import _deepseek
-from ._deepseek import EXPERT_PARAMETERS, collate_pixels, encode_example, generation_inputs  # noqa: F401
+from ._deepseek import (  # noqa: F401
+    EXPERT_PARAMETERS,
+    collate_pixels,
+    encode_example,
+    generation_inputs,
+    use_fused_sam_attention,
+)
 from .base import ModelLoadError
 
 NAME = "deepseek-ocr2"
