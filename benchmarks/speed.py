@@ -93,7 +93,7 @@ def timed_generate(model, inputs, new_tokens: int, **kwargs) -> float:
     return time.perf_counter() - t0
 
 
-def decode_runs(base: Path, data: Path, new_tokens: int, batches: list[int]) -> list[dict]:
+def decode_runs(base: Path, data: Path, new_tokens: int, batches: list[int], only: list[str] | None) -> list[dict]:
     family = get_family("deepseek-ocr2")
     processor = family.load_processor(base, "gundam")
     examples = read_jsonl(data)
@@ -112,6 +112,8 @@ def decode_runs(base: Path, data: Path, new_tokens: int, batches: list[int]) -> 
     }
     rows = []
     for lever, (kwargs, setup) in levers.items():
+        if only and lever not in only:
+            continue
         torch.backends.cuda.enable_cudnn_sdp(True)
         setup()
         for batch in batches:
@@ -145,6 +147,7 @@ def main():
     ap.add_argument("--train-configs", nargs="+", default=["llm:4:none", "llm:8:none", "both:8:ckpt"],
                     help="mode:batch:ckpt|none")
     ap.add_argument("--levers", nargs="+", default=list(TRAIN_LEVERS), choices=list(TRAIN_LEVERS))
+    ap.add_argument("--decode-levers", nargs="*", help="a subset of the decode levers (default: all)")
     ap.add_argument("--commit")
     args = ap.parse_args()
     work, out = Path(args.work), Path(args.out)
@@ -154,7 +157,7 @@ def main():
     result = {"benchmark": "speed", "env": environment(args.commit),
               "page": "1240x1754 gundam: 1121 image tokens, 1000 target tokens"}
     if "decode" in args.part:
-        result["decode"] = decode_runs(base, data, args.new_tokens, args.batches)
+        result["decode"] = decode_runs(base, data, args.new_tokens, args.batches, args.decode_levers)
     if "train" in args.part:
         configs = [(m, int(b), c == "ckpt") for m, b, c in (x.split(":") for x in args.train_configs)]
         result["train"] = train_runs(base, data, work, args.steps, configs, args.levers)
