@@ -147,7 +147,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--work", default="/tmp/ddp_bench")
-    ap.add_argument("--configs", nargs="+", default=["llm:4:none", "both:4:ckpt"], help="mode:batch:ckpt|none")
+    ap.add_argument("--configs", nargs="*", default=["llm:4:none", "both:4:ckpt"], help="mode:batch:ckpt|none")
     ap.add_argument("--decode-batches", type=int, nargs="*", default=[])
     ap.add_argument("--commit")
     args = ap.parse_args()
