@@ -107,39 +107,48 @@ def run_config(base: Path, data: Path, mode: str, batch: int, ckpt: bool) -> dic
     return row
 
 
-def decode_profile(base: Path, data: Path, batch: int, new_tokens: int = 16) -> dict:
-    """Top kernels of generate() decode steps (eager, dynamic cache): kernels per step and where time goes."""
+def decode_profile(base: Path, data: Path, batch: int, static: bool, new_tokens: int = 33) -> dict:
+    """Kernels of generate()'s decode steps alone: the profile of a 1-token generate (the prefill) subtracted,
+    kernel by kernel, from that of a `new_tokens` generate."""
     from speed import decode_inputs
 
     family = get_family("deepseek-ocr2")
     processor = family.load_processor(base, "gundam")
     model = family.load_model(base, torch.bfloat16, "cuda").eval()
     family.use_fused_sam_attention(model)
+    torch.backends.cuda.enable_cudnn_sdp(not static)
     inputs = decode_inputs(family, processor, read_jsonl(data), batch)
     tok = processor.tokenizer
-    kwargs = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id, "do_sample": False}
+    kwargs = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id, "do_sample": False,
+              "cache_implementation": "static" if static else None}
 
     def generate(n):
         with torch.inference_mode():
             model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **kwargs)
 
-    generate(4)
+    generate(new_tokens)  # warm-up, compilation
+    kernels = []
+    for n in (1, new_tokens):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            generate(n)
+            torch.cuda.synchronize()
+        kernels.append({e.key: (e.self_device_time_total, e.count) for e in prof.key_averages()
+                        if e.self_device_time_total > 0})
+    steps = new_tokens - 1
+    per_step = {k: ((t - kernels[0].get(k, (0, 0))[0]) / 1000 / steps, (c - kernels[0].get(k, (0, 0))[1]) / steps)
+                for k, (t, c) in kernels[1].items()}
     prefill_ms, total_ms = cuda_ms(lambda: generate(1), 1), cuda_ms(lambda: generate(new_tokens), 1)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        generate(new_tokens)
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]
-    row = {"decode_batch": batch, "ms_per_step": round((total_ms - prefill_ms) / (new_tokens - 1), 2),
-           "kernel_launches": sum(e.count for e in kernels),
-           "kernel_ms_total": round(sum(e.self_device_time_total for e in kernels) / 1000, 1)}
-    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
-    row["top_kernels"] = [{"name": e.key[:120], "ms": round(e.self_device_time_total / 1000, 2), "calls": e.count}
-                          for e in kernels[:20]]
-    print(json.dumps({k: v for k, v in row.items() if k != "top_kernels"}), flush=True)
-    for k in row["top_kernels"][:12]:
-        print(f"  {k['ms']:9.2f} ms x{k['calls']:<6d} {k['name']}", flush=True)
+    row = {"decode_batch": batch, "static_cache": static, "ms_per_step": round((total_ms - prefill_ms) / steps, 2),
+           "kernel_ms_per_step": round(sum(t for t, _ in per_step.values()), 2),
+           "kernels_per_step": round(sum(c for _, c in per_step.values()))}
+    top = sorted(per_step.items(), key=lambda kv: kv[1][0], reverse=True)[:20]
+    row["top_kernels_per_step"] = [{"name": k[:120], "ms": round(t, 3), "calls": round(c, 1)} for k, (t, c) in top]
+    print(json.dumps({k: v for k, v in row.items() if k != "top_kernels_per_step"}), flush=True)
+    for k in row["top_kernels_per_step"][:14]:
+        print(f"  {k['ms']:8.3f} ms x{k['calls']:<6} {k['name']}", flush=True)
     del model
     torch.cuda.empty_cache()
+    torch.backends.cuda.enable_cudnn_sdp(True)
     return row
 
 
@@ -159,7 +168,7 @@ def main():
     for spec in args.configs:
         mode, batch, ckpt = spec.split(":")
         rows.append(run_config(base, data, mode, int(batch), ckpt == "ckpt"))
-    decode = [decode_profile(base, data, b) for b in args.decode_batches]
+    decode = [decode_profile(base, data, b, static) for b in args.decode_batches for static in (False, True)]
     result = {"benchmark": "profile_step", "env": environment(args.commit), "configs": rows, "decode": decode}
     (out / "profile_step.json").write_text(json.dumps(result, indent=2) + "\n")
 
