@@ -17,6 +17,7 @@ flash kernels), `vision_feature_cache` (llm mode: each page's image features com
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import time
@@ -105,6 +106,11 @@ def decode_runs(base: Path, data: Path, new_tokens: int, batches: list[int], onl
         "no_cudnn_sdpa": ({}, lambda: torch.backends.cuda.enable_cudnn_sdp(False)),
         "no_cudnn_sdpa+static_cache": ({"cache_implementation": "static"},
                                        lambda: torch.backends.cuda.enable_cudnn_sdp(False)),
+        # transformers switches the routed experts to `batched_mm` for decoding, which copies an expert's
+        # weights (6.9 MB) per token and expert: linear in the batch. This keeps `grouped_mm` (dynamic cache).
+        "no_cudnn_sdpa+grouped_mm_decode": ({}, lambda: (torch.backends.cuda.enable_cudnn_sdp(False),
+                                                         setattr(model, "_optimize_model_for_decode",
+                                                                 contextlib.nullcontext))),
         # last: it changes the model for good (the prefill's SAM attention)
         "no_cudnn_sdpa+static_cache+fused_sam_attention": (
             {"cache_implementation": "static"},
