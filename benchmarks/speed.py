@@ -30,17 +30,20 @@ from common import environment, full_model, synthetic_pages
 from ocr_finetune.dataset import read_jsonl
 from ocr_finetune.models import get_family
 from ocr_finetune.models.base import load_image
+from ocr_finetune.models.moe import use_adaptive_experts
 from ocr_finetune.params import validate_params
 from ocr_finetune.train import to_device, train
 
 
 # Cumulative: each lever adds to the ones above it; the last line of a mode is the product's default.
 NO_CACHE = {"cache_vision_features": False}
+# adaptive_experts changes nothing in training (thousands of tokens per step take grouped_mm either way)
+PLAIN_MODEL = {"fused_sam_attention": False, "adaptive_experts": False}
 TRAIN_LEVERS = {
     "baseline": {"train": {"logits_on_targets": False, **NO_CACHE}, "lora": {"compute": "float32"},
-                 "model": {"fused_sam_attention": False}},
-    "+logits_on_targets": {"train": NO_CACHE, "lora": {"compute": "float32"}, "model": {"fused_sam_attention": False}},
-    "+lora_in_model_dtype": {"train": NO_CACHE, "lora": {}, "model": {"fused_sam_attention": False}},
+                 "model": PLAIN_MODEL},
+    "+logits_on_targets": {"train": NO_CACHE, "lora": {"compute": "float32"}, "model": PLAIN_MODEL},
+    "+lora_in_model_dtype": {"train": NO_CACHE, "lora": {}, "model": PLAIN_MODEL},
     "+fused_sam_attention": {"train": NO_CACHE, "lora": {}, "model": {}},
     "+vision_feature_cache": {"train": {}, "lora": {}, "model": {}},  # llm only: frozen towers run once per page
 }
@@ -111,10 +114,18 @@ def decode_runs(base: Path, data: Path, new_tokens: int, batches: list[int], onl
         "no_cudnn_sdpa+grouped_mm_decode": ({}, lambda: (torch.backends.cuda.enable_cudnn_sdp(False),
                                                          setattr(model, "_optimize_model_for_decode",
                                                                  contextlib.nullcontext))),
-        # last: it changes the model for good (the prefill's SAM attention)
+        # the last three change the model for good (the prefill's SAM attention, then the routed experts)
         "no_cudnn_sdpa+static_cache+fused_sam_attention": (
             {"cache_implementation": "static"},
             lambda: (torch.backends.cuda.enable_cudnn_sdp(False), family.use_fused_sam_attention(model))),
+        # models.moe: every expert on every token for decode batches (the defaults of `infer` on CUDA)
+        "no_cudnn_sdpa+static_cache+fused_sam_attention+adaptive_experts": (
+            {"cache_implementation": "static"},
+            lambda: (torch.backends.cuda.enable_cudnn_sdp(False), family.use_fused_sam_attention(model),
+                     use_adaptive_experts(model))),
+        "no_cudnn_sdpa+fused_sam_attention+adaptive_experts": (
+            {}, lambda: (torch.backends.cuda.enable_cudnn_sdp(False), family.use_fused_sam_attention(model),
+                         use_adaptive_experts(model))),
     }
     rows = []
     for lever, (kwargs, setup) in levers.items():
@@ -134,7 +145,9 @@ def decode_runs(base: Path, data: Path, new_tokens: int, batches: list[int], onl
                              "ms_per_token_step": round(ms_per_step, 2),
                              "tokens_per_second": round(batch * new_tokens / total, 1),
                              "decode_tokens_per_second": round(batch * 1000 / ms_per_step, 1),
-                             "prefill_s": round(prefill, 3)})
+                             "prefill_s": round(prefill, 3),
+                             # issue 6's unit: pages of 1000 output tokens each, prefill included
+                             "pages_per_second_at_1000_tokens": round(batch / (prefill + 0.999 * ms_per_step), 2)})
             except Exception as e:  # a lever that does not apply to this model is a result too
                 rows.append({"lever": lever, "batch": batch, "error": f"{type(e).__name__}: {str(e)[:300]}"})
             print(json.dumps(rows[-1]), flush=True)

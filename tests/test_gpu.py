@@ -13,14 +13,17 @@ def test_static_cache_decoding_matches_plain_decoding(models_cache):
     from ocr_finetune.infer import LocalModel
     from ocr_finetune.params import validate_params
 
-    params = validate_params({"model": {"cache_dir": str(models_cache), "resolution": "gundam"},
-                              "train": {"dtype": "bfloat16"}})
+    model = {"cache_dir": str(models_cache), "resolution": "gundam"}
+    params = validate_params({"model": model, "train": {"dtype": "bfloat16"}})
+    plain_params = validate_params({"model": {**model, "fused_sam_attention": False, "adaptive_experts": False},
+                                    "train": {"dtype": "bfloat16"}})
     pages = []
-    for i in range(2):
+    for i in range(3):
         im = Image.new("RGB", (1240, 1754), "white")
         ImageDraw.Draw(im).rectangle([60, 60 + 600 * i, 1100, 500 + 600 * i], fill="black")
         pages.append(im)
-    fast, plain = LocalModel(params, device="cuda"), LocalModel(params, device="cuda", static_cache=False)
+    # fast: the defaults (static cache, fused SAM attention, adaptive experts); plain: transformers' own path
+    fast, plain = LocalModel(params, device="cuda"), LocalModel(plain_params, device="cuda", static_cache=False)
     assert fast.static_cache and not plain.static_cache
     steps = 16
     outs = {}

@@ -300,3 +300,57 @@ def test_fused_sam_attention_matches_the_original_layer(checkpoints, family_name
         model.zero_grad(set_to_none=True)
     assert torch.allclose(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
     assert torch.allclose(results[0][1], results[1][1], rtol=1e-3, atol=1e-6)
+
+
+def test_adaptive_experts_match_the_eager_experts_at_every_size(tiny_dir):
+    """models.moe: each plan (routed-weight copies for one token, every expert on every token for decode
+    batches, grouped_mm for long inputs) gives the experts' eager output, and the dense plan's gradients."""
+    from ocr_finetune.models import moe
+
+    model = get_family("deepseek-ocr2").load_model(tiny_dir, torch.float32, "cpu")
+    experts = next(m for m in model.modules() if type(m).__name__.endswith("TextExperts"))
+    eager = type(experts).forward.__wrapped__
+    torch.manual_seed(0)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.2), experts.down_proj.normal_(0, 0.2)
+    top_k = model.config.text_config.num_experts_per_tok
+    for tokens in (1, 2, 9, moe.DENSE_MAX_TOKENS + 3):
+        hidden = torch.randn(tokens, experts.hidden_dim, requires_grad=True)
+        index = torch.stack([torch.randperm(experts.num_experts)[:top_k] for _ in range(tokens)])
+        weights = torch.rand(tokens, top_k).softmax(-1)
+        expected = eager(experts, hidden, index, weights)
+        got = moe.adaptive_experts_forward(experts, hidden, index, weights)
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), tokens
+        if 1 < tokens <= moe.DENSE_MAX_TOKENS:
+            g_expected = torch.autograd.grad(expected.square().sum(), [hidden, experts.gate_up_proj])
+            g_got = torch.autograd.grad(got.square().sum(), [hidden, experts.gate_up_proj])
+            assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(g_got, g_expected))
+
+
+@pytest.mark.parametrize("family_name", ["deepseek-ocr2", "deepseek-ocr"])
+def test_adaptive_experts_keep_greedy_decoding(checkpoints, family_name):
+    """model.adaptive_experts: a batch of pages decodes to the same greedy tokens as transformers' own
+    experts, and generate() leaves the implementation alone."""
+    from ocr_finetune.models import moe
+
+    family, path = get_family(family_name), checkpoints[family_name]
+    processor = family.load_processor(path, "gundam")
+    images = [page((500, 600)), page((1300, 900), [50, 80, 900, 300]), page((700, 700), [10, 300, 600, 650])]
+    inputs, width = family.generation_inputs(processor, images, PROMPT)
+    model = family.load_model(path, torch.float32, "cpu").eval()
+    tok = processor.tokenizer
+    outputs = []
+    for adaptive in (False, True):
+        if adaptive:
+            moe.use_adaptive_experts(model)
+        calls = []
+        experts = [m for m in model.modules() if type(m).__name__.endswith("TextExperts")]
+        hooks = [m.register_forward_hook(lambda m, args, out: calls.append(m.config._experts_implementation))
+                 for m in experts]
+        with torch.inference_mode():
+            outputs.append(model.generate(**inputs, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+        for h in hooks:
+            h.remove()
+        assert set(calls) == ({moe.NAME} if adaptive else {"grouped_mm"})
+    assert torch.equal(outputs[0][:, width:], outputs[1][:, width:])

@@ -126,6 +126,9 @@ class ModelParams(_Section):
     load_in_4bit: bool = False  # QLoRA: base weights in 4 bits (bitsandbytes, CUDA only)
     # SAM's relative-position attention through SDPA's flash kernels (models._deepseek.use_fused_sam_attention)
     fused_sam_attention: bool = True
+    # Routed experts by batch size (models.moe): every expert on every token for decode batches, instead of
+    # transformers' per-token copies of expert weights; grouped_mm for long inputs, as before.
+    adaptive_experts: bool = True
 
     @model_validator(mode="after")
     def _resolution(self):

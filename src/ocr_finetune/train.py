@@ -28,6 +28,7 @@ from .dataset import read_jsonl
 from .lora import attach_lora_from_params, lora_modules, trainable_parameters
 from .models import get_family
 from .models.base import checkpoint_source, load_image, write_json
+from .models.moe import use_adaptive_experts
 from .params import Params
 from .runtime import pick_device, pick_dtype, seed_everything
 from .tracking import Tracker
@@ -56,6 +57,8 @@ def load_base(params: Params, device: str, dtype: torch.dtype):
     model = family.load_model(path, dtype, device, **extra)
     if params.model.fused_sam_attention:
         family.use_fused_sam_attention(model)
+    if params.model.adaptive_experts:
+        use_adaptive_experts(model)
     return family, model, family.load_processor(path, params.model.resolution), path
 
 
