@@ -40,12 +40,14 @@ NO_CACHE = {"cache_vision_features": False}
 # adaptive_experts changes nothing in training (thousands of tokens per step take grouped_mm either way)
 PLAIN_MODEL = {"fused_sam_attention": False, "adaptive_experts": False}
 TRAIN_LEVERS = {
-    "baseline": {"train": {"logits_on_targets": False, **NO_CACHE}, "lora": {"compute": "float32"},
+    "baseline": {"train": {"logits_on_targets": False, "compile": "none", **NO_CACHE}, "lora": {"compute": "float32"},
                  "model": PLAIN_MODEL},
-    "+logits_on_targets": {"train": NO_CACHE, "lora": {"compute": "float32"}, "model": PLAIN_MODEL},
-    "+lora_in_model_dtype": {"train": NO_CACHE, "lora": {}, "model": PLAIN_MODEL},
-    "+fused_sam_attention": {"train": NO_CACHE, "lora": {}, "model": {}},
-    "+vision_feature_cache": {"train": {}, "lora": {}, "model": {}},  # llm only: frozen towers run once per page
+    "+logits_on_targets": {"train": {**NO_CACHE, "compile": "none"}, "lora": {"compute": "float32"}, "model": PLAIN_MODEL},
+    "+lora_in_model_dtype": {"train": {**NO_CACHE, "compile": "none"}, "lora": {}, "model": PLAIN_MODEL},
+    "+fused_sam_attention": {"train": {**NO_CACHE, "compile": "none"}, "lora": {}, "model": {}},
+    "+compiled_vision_layers": {"train": {**NO_CACHE, "compile": "vision"}, "lora": {}, "model": {}},
+    "+compiled_all_layers": {"train": {**NO_CACHE, "compile": "all"}, "lora": {}, "model": {}},
+    "+vision_feature_cache": {"train": {"compile": "none"}, "lora": {}, "model": {}},  # llm only: towers run once
 }
 
 
@@ -76,6 +78,9 @@ def train_runs(base: Path, data: Path, work: Path, steps: int, configs, levers: 
             del r
         except torch.OutOfMemoryError:
             rows.append({"lever": lever, "mode": mode, "batch": batch, "checkpointing": ckpt, "error": "OOM"})
+        except Exception as e:  # a lever that fails on this model is a result too
+            rows.append({"lever": lever, "mode": mode, "batch": batch, "checkpointing": ckpt,
+                         "error": f"{type(e).__name__}: {str(e)[:300]}"})
         gc.collect()
         torch.cuda.empty_cache()
         print(json.dumps(rows[-1]), flush=True)

@@ -24,6 +24,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from . import __version__, distributed
 from .checkpoint import Checkpoints, fingerprint
+from .compiled import compile_layers
 from .dataset import read_jsonl
 from .lora import attach_lora_from_params, lora_modules, trainable_parameters
 from .models import get_family
@@ -197,6 +198,9 @@ def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = Non
     if tp.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    scope = tp.compile if tp.compile != "auto" else ("vision" if device.startswith("cuda") else "none")
+    if scope != "none":
+        compile_layers(model, scope)
     n_trainable = trainable_parameters(model)
     peft_model = model
     if rank.enabled:
