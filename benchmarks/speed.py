@@ -169,7 +169,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--train-configs", nargs="+", default=["llm:4:none", "llm:8:none", "both:8:ckpt"],
-                    help="mode:batch:ckpt|none")
+                    help="mode:batch:ckpt|vision|none (vision: checkpoint the vision towers' layers only)")
     ap.add_argument("--levers", nargs="+", default=list(TRAIN_LEVERS), choices=list(TRAIN_LEVERS))
     ap.add_argument("--decode-levers", nargs="*", help="a subset of the decode levers (default: all)")
     ap.add_argument("--commit")
@@ -183,7 +183,8 @@ def main():
     if "decode" in args.part:
         result["decode"] = decode_runs(base, data, args.new_tokens, args.batches, args.decode_levers)
     if "train" in args.part:
-        configs = [(m, int(b), c == "ckpt") for m, b, c in (x.split(":") for x in args.train_configs)]
+        configs = [(m, int(b), {"ckpt": True, "none": False, "vision": "vision"}[c])
+                   for m, b, c in (x.split(":") for x in args.train_configs)]
         result["train"] = train_runs(base, data, work, args.steps, configs, args.levers)
     (out / "speed.json").write_text(json.dumps(result, indent=2) + "\n")
 

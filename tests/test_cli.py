@@ -73,7 +73,7 @@ def test_pdf2img_train_evaluate_infer_and_mlflow(tmp_path, models_cache):
     assert all(0 <= p["base"]["cer"] and 0 <= p["finetuned"]["ned"] <= 1 for p in result["pages"])
 
     cli("infer", "--params", params, "--images", tmp_path / "pages", "--output", tmp_path / "md",
-        "--adapter", tmp_path / "adapter", "--max-new-tokens", 4)
+        "--adapter", tmp_path / "adapter", "--max-new-tokens", 4, "--batch-size", 3)
     assert sorted(p.stem for p in (tmp_path / "md").glob("*.md")) == sorted(p.stem for p in SAMPLES.glob("*.pdf"))
 
     import mlflow

@@ -54,14 +54,15 @@ def test_static_cache_decoding_matches_plain_decoding(models_cache):
 @pytest.mark.parametrize("mode", ["llm", "both"])
 def test_fast_training_step_matches_the_plain_step(tiny_dir, mode):
     """What train() does by default on CUDA (fused SAM attention, LoRA in bf16 with float32 weights, vision
-    features cached in llm mode, logits on targets only) gives the plain transformers + PEFT step's loss and
+    features cached in llm mode, logits on targets only, compiled layers) gives the plain transformers + PEFT step's loss and
     adapter gradients within bf16 tolerance."""
     from PIL import Image, ImageDraw
 
     from ocr_finetune.lora import attach_lora_from_params
     from ocr_finetune.models import get_family
     from ocr_finetune.params import LoraParams
-    from ocr_finetune.train import batch_loss, cache_vision_features, pad_batch, to_device
+    from ocr_finetune.compiled import compile_layers
+    from ocr_finetune.train import batch_loss, cache_vision_features, enable_checkpointing, pad_batch, to_device
 
     family = get_family("deepseek-ocr2")
     processor = family.load_processor(tiny_dir, "gundam")
@@ -80,6 +81,10 @@ def test_fast_training_step_matches_the_plain_step(tiny_dir, mode):
             family.use_fused_sam_attention(model)
         model = attach_lora_from_params(model, family, LoraParams(mode=mode,
                                                                   compute="model_dtype" if fast else "float32"))
+        if fast:  # compiled layers, and for `both` checkpointing of the vision towers around them
+            assert compile_layers(model, "all") > 0
+            if mode == "both":
+                enable_checkpointing(model, "vision")
         torch.manual_seed(1)
         with torch.no_grad():
             for n, p in model.named_parameters():

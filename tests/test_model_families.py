@@ -354,3 +354,39 @@ def test_adaptive_experts_keep_greedy_decoding(checkpoints, family_name):
             h.remove()
         assert set(calls) == ({moe.NAME} if adaptive else {"grouped_mm"})
     assert torch.equal(outputs[0][:, width:], outputs[1][:, width:])
+
+
+@pytest.mark.parametrize("family_name", ["deepseek-ocr2", "deepseek-ocr"])
+def test_checkpointing_scopes_keep_loss_and_gradients(checkpoints, family_name):
+    """train.gradient_checkpointing: true recomputes every layer, `vision` only the vision towers' layers;
+    both give the loss and LoRA gradients of no checkpointing."""
+    from ocr_finetune.train import batch_loss, enable_checkpointing
+
+    family, path = get_family(family_name), checkpoints[family_name]
+    processor = family.load_processor(path, "gundam")
+    items = [family.encode_example(processor, page((1300, 900), [50, 80, 900, 300]), PROMPT, "| a | b |", 48)]
+    batch = pad_batch(items, processor.tokenizer.pad_token_id, family, left=True)
+    results = {}
+    for scope in (False, True, "vision"):
+        torch.manual_seed(0)
+        model = attach_lora_from_params(family.load_model(path, torch.float32, "cpu"), family,
+                                        LoraParams(mode="both"))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+        if scope:
+            layers = {n: m.gradient_checkpointing for n, m in model.named_modules()
+                      if hasattr(m, "gradient_checkpointing") and ".layers." in n}
+            assert enable_checkpointing(model, scope) > 0
+            on = {n for n, m in model.named_modules() if n in layers and m.gradient_checkpointing}
+            vision = {n for n in layers if ".vision_tower." in n}
+            assert on == (set(layers) if scope is True else vision) and vision
+        model.train()
+        loss = batch_loss(model, batch, True)
+        loss.backward()
+        results[scope] = (loss.item(), torch.cat([p.grad.flatten() for _, p in sorted(model.named_parameters())
+                                                  if p.requires_grad]))
+    for scope in (True, "vision"):
+        assert results[scope][0] == pytest.approx(results[False][0], rel=1e-5)
+        assert torch.allclose(results[scope][1], results[False][1], rtol=1e-3, atol=1e-6)

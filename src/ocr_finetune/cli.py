@@ -61,6 +61,8 @@ def cmd_infer(args):
         params.teacher.local.adapter = args.adapter
     if args.max_new_tokens:
         params.teacher.local.max_new_tokens = params.teacher.api.max_tokens = args.max_new_tokens
+    if args.batch_size is not None:
+        params.teacher.local.batch_size = args.batch_size
     if args.list_prompts:
         for task, prompt in load_prompts(params.teacher.prompts_file).items():
             print(f"{task}: {prompt.user!r}" + (f" (system: {prompt.system[:60]!r}...)" if prompt.system else ""))
@@ -185,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="a LoRA adapter for the local model")
     p.add_argument("--dpi", type=int, default=200)
     p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--batch-size", type=int,
+                   help="pages decoded together by the local model (GPU throughput grows up to 64-128)")
     p.set_defaults(func=cmd_infer)
 
     p = with_params(sub.add_parser("train", help="LoRA fine-tune on a JSONL dataset"))

@@ -169,7 +169,9 @@ class TrainParams(_Section):
     max_label_tokens: int = Field(512, ge=8)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    gradient_checkpointing: bool = False
+    # true: every layer recomputes its activations in the backward pass; vision: only the vision towers' layers
+    # (where full pages keep most activations), the language model keeps its own: faster, more memory.
+    gradient_checkpointing: bool | Literal["vision"] = False
     logits_on_targets: bool = True  # the LM head only over target positions (train.batch_loss)
     # lora.mode llm: the frozen vision towers run once per page, not once per step (train.cache_vision_features)
     cache_vision_features: bool = True

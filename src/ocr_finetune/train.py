@@ -20,6 +20,7 @@ from typing import Iterator
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from . import __version__, distributed
@@ -61,6 +62,17 @@ def load_base(params: Params, device: str, dtype: torch.dtype):
     if params.model.adaptive_experts:
         use_adaptive_experts(model)
     return family, model, family.load_processor(path, params.model.resolution), path
+
+
+def enable_checkpointing(model, scope: bool | str) -> int:
+    """Gradient checkpointing on every layer (`True`) or on the vision towers' layers only (`"vision"`).
+    Returns the number of checkpointed layers."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, GradientCheckpointingLayer)]
+    for name, module in layers:
+        module.gradient_checkpointing = scope is True or ".vision_tower." in f".{name}."
+    return sum(m.gradient_checkpointing for _, m in layers)
 
 
 def quantization(dtype: torch.dtype, device: str) -> dict:
@@ -196,8 +208,7 @@ def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = Non
     family, model, processor, base_path = load_base(params, device, dtype)
     model = attach_lora_from_params(model, family, params.lora)
     if tp.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_checkpointing(model, tp.gradient_checkpointing)
     scope = tp.compile if tp.compile != "auto" else ("vision" if device.startswith("cuda") else "none")
     if scope != "none":
         compile_layers(model, scope)
