@@ -48,13 +48,14 @@ TRAIN_LEVERS = {
     "+compiled_vision_layers": {"train": {**NO_CACHE, "compile": "vision"}, "lora": {}, "model": {}},
     "+compiled_all_layers": {"train": {**NO_CACHE, "compile": "all"}, "lora": {}, "model": {}},
     "+vision_feature_cache": {"train": {"compile": "none"}, "lora": {}, "model": {}},  # llm only: towers run once
+    "+vision_feature_cache+compiled_all_layers": {"train": {"compile": "all"}, "lora": {}, "model": {}},  # llm only
 }
 
 
 def train_runs(base: Path, data: Path, work: Path, steps: int, configs, levers: list[str]) -> list[dict]:
     rows = []
     for (mode, batch, ckpt), lever in [(c, lv) for c in configs for lv in levers]:
-        if lever == "+vision_feature_cache" and mode != "llm":
+        if lever.startswith("+vision_feature_cache") and mode != "llm":
             continue
         settings = TRAIN_LEVERS[lever]
         params = validate_params({
