@@ -175,8 +175,9 @@ class TrainParams(_Section):
     logits_on_targets: bool = True  # the LM head only over target positions (train.batch_loss)
     # lora.mode llm: the frozen vision towers run once per page, not once per step (train.cache_vision_features)
     cache_vision_features: bool = True
-    # Regional torch.compile of the towers' layers (ocr_finetune.compiled); auto = vision on CUDA, none on CPU
-    # (compiling costs more there than it saves on small models).
+    # Regional torch.compile of the layers (ocr_finetune.compiled): all | vision (towers only) | none.
+    # auto = all on CUDA (about a minute of compiling once per run), none on CPU (compiling costs more there
+    # than it saves).
     compile: Literal["auto", "none", "vision", "all"] = "auto"
     log_every: int = Field(1, ge=1)
     output_dir: str = "models/adapter"

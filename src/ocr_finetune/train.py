@@ -209,7 +209,7 @@ def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = Non
     model = attach_lora_from_params(model, family, params.lora)
     if tp.gradient_checkpointing:
         enable_checkpointing(model, tp.gradient_checkpointing)
-    scope = tp.compile if tp.compile != "auto" else ("vision" if device.startswith("cuda") else "none")
+    scope = tp.compile if tp.compile != "auto" else ("all" if device.startswith("cuda") else "none")
     if scope != "none":
         compile_layers(model, scope)
     n_trainable = trainable_parameters(model)
