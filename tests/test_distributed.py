@@ -18,12 +18,13 @@ def losses(path):
         return [float(row["loss"]) for row in csv.DictReader(f)]
 
 
-def test_two_processes_train_what_one_trains(tmp_path, models_cache, sample_dataset):
+@pytest.mark.parametrize("mode", ["both", "llm"])  # llm: each process computes half the vision features
+def test_two_processes_train_what_one_trains(tmp_path, models_cache, sample_dataset, mode):
     runs = {}
     for n in (1, 2):
         out = tmp_path / f"p{n}"
         out.mkdir()
-        params = small_params(out, models_cache, lora={"mode": "both"},
+        params = small_params(out, models_cache, lora={"mode": mode},
                               train={"num_gpus": n, "device": "cpu", "batch_size": 4, "max_steps": 3,
                                      "max_label_tokens": 160, "learning_rate": 1e-3})
         stdout = cli("train", "--params", params, "--dataset", sample_dataset, "--output", out / "adapter",
