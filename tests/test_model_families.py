@@ -390,3 +390,40 @@ def test_checkpointing_scopes_keep_loss_and_gradients(checkpoints, family_name):
     for scope in (True, "vision"):
         assert results[scope][0] == pytest.approx(results[False][0], rel=1e-5)
         assert torch.allclose(results[scope][1], results[False][1], rtol=1e-3, atol=1e-6)
+
+
+def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_dir):
+    """train.compile (compiled.py): layers compiled in place, inside transformers' gradient checkpointing,
+    give the eager step's loss and LoRA gradients (fp32, CPU inductor), over views of two grid sizes."""
+    from ocr_finetune.compiled import compile_layers
+    from ocr_finetune.train import batch_loss, enable_checkpointing
+
+    family = get_family("deepseek-ocr2")
+    processor = family.load_processor(tiny_dir, "gundam")
+    items = [family.encode_example(processor, page(size, box), PROMPT, text, 32)
+             for size, box, text in (((500, 600), None, "# A"), ((1300, 900), [50, 80, 900, 300], "| a | b |"))]
+    batch = pad_batch(items, processor.tokenizer.pad_token_id, family, left=True)
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = family.load_model(tiny_dir, torch.float32, "cpu")
+        family.use_fused_sam_attention(model)
+        model = attach_lora_from_params(model, family, LoraParams(mode="both"))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+        enable_checkpointing(model, "vision")
+        if compiled:
+            n = compile_layers(model, "all")
+            assert n == sum(1 for m in model.modules() if type(m).__name__.endswith("Layer")
+                            and hasattr(m, "gradient_checkpointing")) and n > 0
+        model.train()
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        loss = batch_loss(model, batch, True)
+        loss.backward()
+        assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs) == compiled
+        results.append((loss.item(), torch.cat([p.grad.flatten() for _, p in sorted(model.named_parameters())
+                                                if p.requires_grad])))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+    assert torch.allclose(results[1][1], results[0][1], rtol=1e-3, atol=1e-6)
