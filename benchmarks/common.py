@@ -62,6 +62,21 @@ def synthetic_pages(out: Path, n: int, chars: int = 6000, seed: int = 0) -> Path
     return path
 
 
+def speed_setup(args) -> tuple[Path, Path, Path]:
+    """The output folder, the full-size OCR-2 checkpoint and 16 synthetic full pages that speed.py and
+    profile_step.py share (built once per `--work` folder)."""
+    work, out = Path(args.work), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, full_model(work / "model-full"), synthetic_pages(work / "data-speed", n=16)
+
+
+def train_config(spec: str) -> tuple[str, int, bool | str]:
+    """`mode:batch:checkpointing` -> (mode, batch, train.gradient_checkpointing); checkpointing is ckpt (every
+    layer), vision (the vision towers' layers only) or none."""
+    mode, batch, ckpt = spec.split(":")
+    return mode, int(batch), {"ckpt": True, "none": False, "vision": "vision"}[ckpt]
+
+
 def environment(commit: str | None) -> dict:
     import peft
     import transformers

@@ -19,14 +19,15 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from common import environment, full_model, synthetic_pages
+from common import environment, speed_setup, train_config
 
 from ocr_finetune.dataset import read_jsonl
 from ocr_finetune.lora import attach_lora_from_params
 from ocr_finetune.models import get_family
 from ocr_finetune.models.base import load_image
 from ocr_finetune.params import validate_params
-from ocr_finetune.train import batch_loss, pad_batch, to_device
+from ocr_finetune.compiled import compile_layers
+from ocr_finetune.train import batch_loss, enable_checkpointing, pad_batch, to_device
 
 VIEW_KEYS = ("pixel_values", "pixel_values_local", "num_local_patches")
 
@@ -54,7 +55,7 @@ def top_kernels(fn, n: int = 25) -> list[dict]:
              "share": round(e.self_device_time_total / total, 3), "calls": e.count} for e in rows[:n]]
 
 
-def run_config(base: Path, data: Path, mode: str, batch: int, ckpt: bool) -> dict:
+def run_config(base: Path, data: Path, mode: str, batch: int, ckpt: bool | str, compile_scope: str) -> dict:
     family = get_family("deepseek-ocr2")
     processor = family.load_processor(base, "gundam")
     params = validate_params({"model": {"base": str(base), "resolution": "gundam"}, "lora": {"mode": mode}})
@@ -62,8 +63,9 @@ def run_config(base: Path, data: Path, mode: str, batch: int, ckpt: bool) -> dic
     family.use_fused_sam_attention(model)  # as train() does by default
     model = attach_lora_from_params(model, family, params.lora)
     if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_checkpointing(model, ckpt)
+    if compile_scope != "none":  # train()'s default on CUDA is "all"; the first (warm-up) call compiles
+        compile_layers(model, compile_scope)
     model.train()
     examples = read_jsonl(data)[:batch]
     items = [family.encode_example(processor, load_image(e.image), e.prompt, e.target, 1000) for e in examples]
@@ -90,7 +92,7 @@ def run_config(base: Path, data: Path, mode: str, batch: int, ckpt: bool) -> dic
         batch_loss(model, cached, True).backward()
 
     torch.cuda.reset_peak_memory_stats()
-    row = {"mode": mode, "batch": batch, "checkpointing": ckpt, "seq_len": int(tensors["input_ids"].shape[1]),
+    row = {"mode": mode, "batch": batch, "checkpointing": ckpt, "compile": compile_scope, "seq_len": int(tensors["input_ids"].shape[1]),
            "vision_forward_ms": cuda_ms(vision_forward), "step_ms": cuda_ms(step),
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
     if mode != "llm":
@@ -156,18 +158,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--work", default="/tmp/ddp_bench")
-    ap.add_argument("--configs", nargs="*", default=["llm:4:none", "both:4:ckpt"], help="mode:batch:ckpt|none")
+    ap.add_argument("--configs", nargs="*", default=["llm:4:none", "both:4:ckpt"],
+                    help="mode:batch:ckpt|vision|none (vision: checkpoint the vision towers' layers only)")
+    ap.add_argument("--compile", default="all", choices=["none", "vision", "all"], help="as train.compile")
     ap.add_argument("--decode-batches", type=int, nargs="*", default=[])
     ap.add_argument("--commit")
     args = ap.parse_args()
-    work, out = Path(args.work), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    base = full_model(work / "model-full")
-    data = synthetic_pages(work / "data-speed", n=16)
+    out, base, data = speed_setup(args)
     rows = []
     for spec in args.configs:
-        mode, batch, ckpt = spec.split(":")
-        rows.append(run_config(base, data, mode, int(batch), ckpt == "ckpt"))
+        rows.append(run_config(base, data, *train_config(spec), args.compile))
     decode = [decode_profile(base, data, b, static) for b in args.decode_batches for static in (False, True)]
     result = {"benchmark": "profile_step", "env": environment(args.commit), "configs": rows, "decode": decode}
     (out / "profile_step.json").write_text(json.dumps(result, indent=2) + "\n")

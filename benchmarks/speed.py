@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from common import environment, full_model, synthetic_pages
+from common import environment, speed_setup, train_config
 
 from ocr_finetune.dataset import read_jsonl
 from ocr_finetune.models import get_family
@@ -175,18 +175,14 @@ def main():
     ap.add_argument("--decode-levers", nargs="*", help="a subset of the decode levers (default: all)")
     ap.add_argument("--commit")
     args = ap.parse_args()
-    work, out = Path(args.work), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    base = full_model(work / "model-full")
-    data = synthetic_pages(work / "data-speed", n=16)
+    out, base, data = speed_setup(args)
     result = {"benchmark": "speed", "env": environment(args.commit),
               "page": "1240x1754 gundam: 1121 image tokens, 1000 target tokens"}
     if "decode" in args.part:
         result["decode"] = decode_runs(base, data, args.new_tokens, args.batches, args.decode_levers)
     if "train" in args.part:
-        configs = [(m, int(b), {"ckpt": True, "none": False, "vision": "vision"}[c])
-                   for m, b, c in (x.split(":") for x in args.train_configs)]
-        result["train"] = train_runs(base, data, work, args.steps, configs, args.levers)
+        configs = [train_config(spec) for spec in args.train_configs]
+        result["train"] = train_runs(base, data, Path(args.work), args.steps, configs, args.levers)
     (out / "speed.json").write_text(json.dumps(result, indent=2) + "\n")
 
 

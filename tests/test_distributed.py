@@ -7,7 +7,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
 from test_cli import cli, small_params
 
 from ocr_finetune.params import ParamsError, validate_params
