@@ -27,7 +27,7 @@ from ocr_finetune.models import get_family
 from ocr_finetune.models.base import load_image
 from ocr_finetune.params import validate_params
 from ocr_finetune.compiled import compile_layers
-from ocr_finetune.train import batch_loss, enable_checkpointing, pad_batch, to_device
+from ocr_finetune.train import batch_loss, detach_lm_head, enable_checkpointing, pad_batch, to_device
 
 VIEW_KEYS = ("pixel_values", "pixel_values_local", "num_local_patches")
 
@@ -67,6 +67,7 @@ def run_config(base: Path, data: Path, mode: str, batch: int, ckpt: bool | str, 
     if compile_scope != "none":  # train()'s default on CUDA is "all"; the first (warm-up) call compiles
         compile_layers(model, compile_scope)
     model.train()
+    head = detach_lm_head(model)  # the LM head and loss in chunks, as train() does by default
     examples = read_jsonl(data)[:batch]
     items = [family.encode_example(processor, load_image(e.image), e.prompt, e.target, 1000) for e in examples]
     tensors = to_device(pad_batch(items, processor.tokenizer.pad_token_id, family, left=True), "cuda", torch.bfloat16)
@@ -82,14 +83,14 @@ def run_config(base: Path, data: Path, mode: str, batch: int, ckpt: bool | str, 
         torch.cat(feats).float().square().mean().backward()
 
     def step():
-        batch_loss(model, tensors, True).backward()
+        batch_loss(model, tensors, True, head, 1024).backward()
 
     features = vision_forward().pooler_output
     cached = {k: v for k, v in tensors.items() if k not in VIEW_KEYS}
     cached["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=[f.detach() for f in features])}
 
     def step_cached():
-        batch_loss(model, cached, True).backward()
+        batch_loss(model, cached, True, head, 1024).backward()
 
     torch.cuda.reset_peak_memory_stats()
     row = {"mode": mode, "batch": batch, "checkpointing": ckpt, "compile": compile_scope, "seq_len": int(tensors["input_ids"].shape[1]),

@@ -39,16 +39,22 @@ from ocr_finetune.train import to_device, train
 NO_CACHE = {"cache_vision_features": False}
 # adaptive_experts changes nothing in training (thousands of tokens per step take grouped_mm either way)
 PLAIN_MODEL = {"fused_sam_attention": False, "adaptive_experts": False}
+EAGER = {**NO_CACHE, "compile": "none", "loss_chunk": 0}
 TRAIN_LEVERS = {
-    "baseline": {"train": {"logits_on_targets": False, "compile": "none", **NO_CACHE}, "lora": {"compute": "float32"},
+    "baseline": {"train": {**EAGER, "logits_on_targets": False}, "lora": {"compute": "float32"},
                  "model": PLAIN_MODEL},
-    "+logits_on_targets": {"train": {**NO_CACHE, "compile": "none"}, "lora": {"compute": "float32"}, "model": PLAIN_MODEL},
-    "+lora_in_model_dtype": {"train": {**NO_CACHE, "compile": "none"}, "lora": {}, "model": PLAIN_MODEL},
-    "+fused_sam_attention": {"train": {**NO_CACHE, "compile": "none"}, "lora": {}, "model": {}},
-    "+compiled_vision_layers": {"train": {**NO_CACHE, "compile": "vision"}, "lora": {}, "model": {}},
-    "+compiled_all_layers": {"train": {**NO_CACHE, "compile": "all"}, "lora": {}, "model": {}},
-    "+vision_feature_cache": {"train": {"compile": "none"}, "lora": {}, "model": {}},  # llm only: towers run once
-    "+vision_feature_cache+compiled_all_layers": {"train": {"compile": "all"}, "lora": {}, "model": {}},  # llm only
+    "+logits_on_targets": {"train": EAGER, "lora": {"compute": "float32"}, "model": PLAIN_MODEL},
+    "+lora_in_model_dtype": {"train": EAGER, "lora": {}, "model": PLAIN_MODEL},
+    "+fused_sam_attention": {"train": EAGER, "lora": {}, "model": {}},
+    "+compiled_vision_layers": {"train": {**EAGER, "compile": "vision"}, "lora": {}, "model": {}},
+    "+compiled_all_layers": {"train": {**EAGER, "compile": "all"}, "lora": {}, "model": {}},
+    "+chunked_loss": {"train": {**NO_CACHE, "compile": "all"}, "lora": {}, "model": {}},
+    # llm only: the frozen towers run once per page
+    "+vision_feature_cache": {"train": {"compile": "none", "loss_chunk": 0}, "lora": {}, "model": {}},
+    "+vision_feature_cache+compiled_all_layers": {"train": {"compile": "all", "loss_chunk": 0}, "lora": {},
+                                                  "model": {}},
+    "+vision_feature_cache+compiled_all_layers+chunked_loss": {"train": {"compile": "all"}, "lora": {},
+                                                               "model": {}},
 }
 
 

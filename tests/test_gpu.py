@@ -54,7 +54,7 @@ def test_static_cache_decoding_matches_plain_decoding(models_cache):
 @pytest.mark.parametrize("mode", ["llm", "both"])
 def test_fast_training_step_matches_the_plain_step(tiny_dir, mode):
     """What train() does by default on CUDA (fused SAM attention, LoRA in bf16 with float32 weights, vision
-    features cached in llm mode, logits on targets only, compiled layers) gives the plain transformers + PEFT step's loss and
+    features cached in llm mode, logits on targets only, in chunks, compiled layers) gives the plain transformers + PEFT step's loss and
     adapter gradients within bf16 tolerance."""
     from PIL import Image, ImageDraw
 
@@ -62,7 +62,8 @@ def test_fast_training_step_matches_the_plain_step(tiny_dir, mode):
     from ocr_finetune.models import get_family
     from ocr_finetune.params import LoraParams
     from ocr_finetune.compiled import compile_layers
-    from ocr_finetune.train import batch_loss, cache_vision_features, enable_checkpointing, pad_batch, to_device
+    from ocr_finetune.train import (batch_loss, cache_vision_features, detach_lm_head, enable_checkpointing, pad_batch,
+                                    to_device)
 
     family = get_family("deepseek-ocr2")
     processor = family.load_processor(tiny_dir, "gundam")
@@ -99,7 +100,8 @@ def test_fast_training_step_matches_the_plain_step(tiny_dir, mode):
             cache_vision_features(model, family, items, 2, "cuda", torch.bfloat16, show=False)
         batch = to_device(pad_batch(items, processor.tokenizer.pad_token_id, family, left=fast), "cuda",
                           torch.bfloat16)
-        loss = batch_loss(model, batch, fast)
+        head = detach_lm_head(model) if fast else None  # train.loss_chunk
+        loss = batch_loss(model, batch, fast, head, 48)
         loss.backward()
         grads = torch.cat([p.grad.float().flatten() for _, p in sorted(model.named_parameters()) if p.requires_grad])
         results[fast] = (loss.item(), grads)

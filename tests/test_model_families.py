@@ -427,3 +427,37 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_dir):
                                                 if p.requires_grad])))
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
     assert torch.allclose(results[1][1], results[0][1], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("family_name", ["deepseek-ocr2", "deepseek-ocr"])
+def test_chunked_loss_equals_the_full_loss(checkpoints, family_name):
+    """train.loss_chunk: the LM head taken out of the model and run over a few positions at a time gives the
+    loss and LoRA gradients of the full logits; the head goes back afterwards."""
+    from ocr_finetune.train import attach_lm_head, batch_loss, detach_lm_head
+
+    family, path = get_family(family_name), checkpoints[family_name]
+    processor = family.load_processor(path, "gundam")
+    items = [family.encode_example(processor, page(size, box), PROMPT, text, 48)
+             for size, box, text in (((500, 600), None, "# A\n\nshort"), ((1300, 900), [50, 80, 900, 300],
+                                                                          "| a | b |\n| --- | --- |\n" * 3))]
+    batch = pad_batch(items, processor.tokenizer.pad_token_id, family, left=True)
+    torch.manual_seed(0)
+    model = attach_lora_from_params(family.load_model(path, torch.float32, "cpu"), family, LoraParams(mode="llm"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    model.train()
+    results = []
+    for chunk in (0, 7):  # 7: chunks that split a page's targets, and chunks holding only padding
+        head = detach_lm_head(model) if chunk else None
+        loss = batch_loss(model, batch, True, head, chunk)
+        loss.backward()
+        if head is not None:
+            attach_lm_head(model, head)
+        results.append((loss.item(), torch.cat([p.grad.flatten() for _, p in sorted(model.named_parameters())
+                                                if p.requires_grad])))
+        model.zero_grad(set_to_none=True)
+    assert type(model.get_base_model().lm_head).__name__ == "Linear"
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+    assert torch.allclose(results[1][1], results[0][1], rtol=1e-3, atol=1e-6)

@@ -173,6 +173,9 @@ class TrainParams(_Section):
     # (where full pages keep most activations), the language model keeps its own: faster, more memory.
     gradient_checkpointing: bool | Literal["vision"] = False
     logits_on_targets: bool = True  # the LM head only over target positions (train.batch_loss)
+    # ... and over this many positions at a time, each slice's logits recomputed in the backward pass
+    # (train.chunked_cross_entropy: the full logits were the step's largest allocation); 0 = all at once
+    loss_chunk: int = Field(1024, ge=0)
     # lora.mode llm: the frozen vision towers run once per page, not once per step (train.cache_vision_features)
     cache_vision_features: bool = True
     # Regional torch.compile of the layers (ocr_finetune.compiled): all | vision (towers only) | none.

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.utils.checkpoint
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -153,21 +154,60 @@ def cache_vision_features(model, family, data: list, batch_size: int, device: st
     base.train(was_training)
 
 
-def batch_loss(model, batch: dict, targets_only: bool) -> torch.Tensor:
+def batch_loss(model, batch: dict, targets_only: bool, head: torch.nn.Module | None = None,
+               chunk: int = 0) -> torch.Tensor:
     """Mean cross-entropy over the batch's target tokens.
 
     targets_only (batches left-padded, so every target sits at the end): the language-model head runs over
     the last positions that hold targets only, not over the image and prompt tokens before them. On a full
     page that is about half the positions, and the logits (positions x 129k vocabulary) are the largest
     activation of the step.
+    head (the model's LM head, taken out by `detach_lm_head`, so the model returns hidden states): the head
+    and loss run `chunk` positions at a time (`chunked_cross_entropy`).
     """
     if not targets_only:
         return model(**model_inputs(batch)).loss
     labels = batch["labels"]
     keep = int((labels != -100).sum(1).max()) + 1
-    logits = model(**model_inputs({k: v for k, v in batch.items() if k != "labels"}), logits_to_keep=keep).logits
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                             labels[:, -keep + 1:].flatten(), ignore_index=-100)
+    out = model(**model_inputs({k: v for k, v in batch.items() if k != "labels"}), logits_to_keep=keep).logits
+    out, targets = out[:, :-1].flatten(0, 1), labels[:, -keep + 1:].flatten()
+    if head is not None:
+        return chunked_cross_entropy(out, head, targets, chunk)
+    return torch.nn.functional.cross_entropy(out.float(), targets, ignore_index=-100)
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
+                          chunk: int) -> torch.Tensor:
+    """Mean cross-entropy of `head(hidden)` against `labels`, `chunk` rows at a time, each chunk's logits
+    recomputed in the backward pass.
+
+    Why: at batch 16 the logits of 16,000 target positions over a 129k vocabulary are 4 GB in bf16, and the
+    float32 copy, log-softmax and its gradient three times that: the step's largest allocations. A chunk's
+    logits live only while its loss is taken; the price is one more LM-head matmul per chunk in the
+    backward pass. (Liger's fused linear cross-entropy does this in Triton, GPU only; this runs anywhere.)
+    """
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        total = total + torch.utils.checkpoint.checkpoint(
+            _summed_cross_entropy, hidden[start:start + chunk], head, labels[start:start + chunk],
+            use_reentrant=False)
+    return total / (labels != -100).sum()
+
+
+def _summed_cross_entropy(hidden, head, labels):
+    return torch.nn.functional.cross_entropy(head(hidden).float(), labels, ignore_index=-100, reduction="sum")
+
+
+def detach_lm_head(model) -> torch.nn.Module:
+    """Take the LM head out of a (PEFT-wrapped) model, leaving an identity in its place, so the model's
+    `logits` are its last hidden states; `attach_lm_head` puts it back."""
+    base = model.get_base_model()
+    head, base.lm_head = base.lm_head, torch.nn.Identity()
+    return head
+
+
+def attach_lm_head(model, head: torch.nn.Module) -> None:
+    model.get_base_model().lm_head = head
 
 
 def to_device(batch: dict, device: str, dtype: torch.dtype) -> dict:
@@ -288,6 +328,8 @@ def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = Non
 
     step_ends: list[float] = []
     model.train()
+    # chunked loss: the LM head runs outside the model during the steps (put back below, before saving)
+    head = detach_lm_head(peft_model) if tp.logits_on_targets and tp.loss_chunk else None
     start = time.time()
     bar = tqdm(prefetch(batches()), initial=first_step, total=total_steps, desc="train", unit="step",
                disable=not (progress and rank.is_main))
@@ -301,7 +343,7 @@ def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = Non
             share = sum(target_tokens[i] for i in mb[rank.rank::rank.world_size]) / step_tokens
             sync = k == len(micro_batches) - 1 or not rank.enabled  # all-reduce gradients once per step
             with contextlib.nullcontext() if sync else model.no_sync():
-                loss = batch_loss(model, batch, tp.logits_on_targets) * share
+                loss = batch_loss(model, batch, tp.logits_on_targets, head, tp.loss_chunk) * share
                 (loss * rank.world_size).backward()
             step_loss += loss.item()
         step_loss = distributed.sum_across(step_loss, rank, device)
@@ -321,6 +363,8 @@ def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = Non
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.time() - start
+    if head is not None:
+        attach_lm_head(peft_model, head)
     distributed.check_replicas_identical(peft_model, rank)
 
     out = Path(tp.output_dir)
