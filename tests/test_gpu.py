@@ -11,6 +11,7 @@ def test_static_cache_decoding_matches_plain_decoding(models_cache):
     from PIL import Image, ImageDraw
 
     from ocr_finetune.infer import LocalModel
+    from ocr_finetune.models import moe
     from ocr_finetune.params import validate_params
 
     model = {"cache_dir": str(models_cache), "resolution": "gundam"}
@@ -32,11 +33,18 @@ def test_static_cache_decoding_matches_plain_decoding(models_cache):
         from ocr_finetune.train import to_device
 
         inputs = to_device(inputs, "cuda", torch.bfloat16)
+        used = set()  # the experts implementation each MoE call ran under
+        hooks = [m.register_forward_hook(lambda m, args, out: used.add(m.config._experts_implementation))
+                 for m in model.model.modules() if type(m).__name__.endswith("TextExperts")]
         with torch.inference_mode():
             outs[name] = model.model.generate(
                 **inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_scores=True,
                 return_dict_in_generate=True, pad_token_id=model.processor.tokenizer.pad_token_id,
                 cache_implementation="static" if model.static_cache else None)
+        for h in hooks:
+            h.remove()
+        # generate() switches grouped_mm to batched_mm for decoding on GPUs; ours it leaves alone
+        assert used == ({moe.NAME} if name == "fast" else {"grouped_mm", "batched_mm"})
     a, b = outs["fast"], outs["plain"]
     for row in range(len(pages)):
         for step in range(steps):

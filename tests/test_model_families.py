@@ -1,6 +1,7 @@
 """Both model families on tiny configs: presets and their token counts, LoRA targets per mode (experts
 included), exact adapter round trips, mixed page sizes at batch > 1, and v1's original weight layout."""
 
+import functools
 import json
 import re
 
@@ -330,7 +331,8 @@ def test_adaptive_experts_match_the_eager_experts_at_every_size(tiny_dir):
 @pytest.mark.parametrize("family_name", ["deepseek-ocr2", "deepseek-ocr"])
 def test_adaptive_experts_keep_greedy_decoding(checkpoints, family_name):
     """model.adaptive_experts: a batch of pages decodes to the same greedy tokens as transformers' own
-    experts, and generate() leaves the implementation alone."""
+    experts, every MoE call going through ours. (That generate() does not switch it to batched_mm, which
+    it does only on GPUs, is checked in test_gpu.py.)"""
     from ocr_finetune.models import moe
 
     family, path = get_family(family_name), checkpoints[family_name]
@@ -382,9 +384,16 @@ def test_checkpointing_scopes_keep_loss_and_gradients(checkpoints, family_name):
             on = {n for n, m in model.named_modules() if n in layers and m.gradient_checkpointing}
             vision = {n for n in layers if ".vision_tower." in n}
             assert on == (set(layers) if scope is True else vision) and vision
+            recomputed = set()  # layers whose forward really went through the checkpoint function
+            for n, m in model.named_modules():
+                if n in layers:
+                    m._gradient_checkpointing_func = functools.partial(
+                        lambda f, name, *a, **k: recomputed.add(name) or f(*a, **k), m._gradient_checkpointing_func, n)
         model.train()
         loss = batch_loss(model, batch, True)
         loss.backward()
+        if scope:
+            assert recomputed == on
         results[scope] = (loss.item(), torch.cat([p.grad.flatten() for _, p in sorted(model.named_parameters())
                                                   if p.requires_grad]))
     for scope in (True, "vision"):
@@ -404,6 +413,7 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_dir):
              for size, box, text in (((500, 600), None, "# A"), ((1300, 900), [50, 80, 900, 300], "| a | b |"))]
     batch = pad_batch(items, processor.tokenizer.pad_token_id, family, left=True)
     results = []
+    torch._dynamo.reset()  # graphs compiled by an earlier test would not count below
     for compiled in (False, True):
         torch.manual_seed(0)
         model = family.load_model(tiny_dir, torch.float32, "cpu")

@@ -154,6 +154,13 @@ def cmd_inspect(args):
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ocr-finetune", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -187,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="a LoRA adapter for the local model")
     p.add_argument("--dpi", type=int, default=200)
     p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--batch-size", type=int,
+    p.add_argument("--batch-size", type=_positive_int,
                    help="pages decoded together by the local model (GPU throughput grows up to 64-128)")
     p.set_defaults(func=cmd_infer)
 

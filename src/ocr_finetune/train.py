@@ -60,15 +60,26 @@ def load_base(params: Params, device: str, dtype: torch.dtype):
     model = family.load_model(path, dtype, device, **extra)
     if params.model.fused_sam_attention:
         family.use_fused_sam_attention(model)
-    if params.model.adaptive_experts:
+    if params.model.adaptive_experts and device.startswith("cuda"):  # on CPU grouped_mm is faster
         use_adaptive_experts(model)
     return family, model, family.load_processor(path, params.model.resolution), path
+
+
+def compile_scope(params: Params, device: str) -> str:
+    """train.compile resolved: `auto` is `all` on CUDA, except `vision` with LoRA on the routed experts
+    (PEFT re-creates their parametrized class every forward, so a compiled language-model layer would
+    recompile every step) or a 4-bit base (compiled bitsandbytes layers not measured yet); `none` on CPU."""
+    if params.train.compile != "auto":
+        return params.train.compile
+    if not device.startswith("cuda"):
+        return "none"
+    return "vision" if params.lora.experts or params.model.load_in_4bit else "all"
 
 
 def enable_checkpointing(model, scope: bool | str) -> int:
     """Gradient checkpointing on every layer (`True`) or on the vision towers' layers only (`"vision"`).
     Returns the number of checkpointed layers."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, GradientCheckpointingLayer)]
     for name, module in layers:
@@ -187,6 +198,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, labels: t
     backward pass. (Liger's fused linear cross-entropy does this in Triton, GPU only; this runs anywhere.)
     """
     total = hidden.new_zeros((), dtype=torch.float32)
+    chunk = chunk or hidden.shape[0]
     for start in range(0, hidden.shape[0], chunk):
         total = total + torch.utils.checkpoint.checkpoint(
             _summed_cross_entropy, hidden[start:start + chunk], head, labels[start:start + chunk],
@@ -208,6 +220,17 @@ def detach_lm_head(model) -> torch.nn.Module:
 
 def attach_lm_head(model, head: torch.nn.Module) -> None:
     model.get_base_model().lm_head = head
+
+
+@contextlib.contextmanager
+def lm_head_outside(model, enabled: bool):
+    """`detach_lm_head` for the duration of the block (yields the head, or None when not enabled)."""
+    head = detach_lm_head(model) if enabled else None
+    try:
+        yield head
+    finally:
+        if head is not None:
+            attach_lm_head(model, head)
 
 
 def to_device(batch: dict, device: str, dtype: torch.dtype) -> dict:
@@ -258,8 +281,7 @@ def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = Non
     model = attach_lora_from_params(model, family, params.lora)
     if tp.gradient_checkpointing:
         enable_checkpointing(model, tp.gradient_checkpointing)
-    scope = tp.compile if tp.compile != "auto" else ("all" if device.startswith("cuda") else "none")
-    if scope != "none":
+    if (scope := compile_scope(params, device)) != "none":
         compile_layers(model, scope)
     n_trainable = trainable_parameters(model)
     peft_model = model
@@ -328,43 +350,41 @@ def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = Non
 
     step_ends: list[float] = []
     model.train()
-    # chunked loss: the LM head runs outside the model during the steps (put back below, before saving)
-    head = detach_lm_head(peft_model) if tp.logits_on_targets and tp.loss_chunk else None
     start = time.time()
-    bar = tqdm(prefetch(batches()), initial=first_step, total=total_steps, desc="train", unit="step",
-               disable=not (progress and rank.is_main))
-    for step, (micro_batches, tensors) in enumerate(bar, start=first_step):
-        # The step's loss is the mean over every target token of the global batch, as on one GPU. Each
-        # process weights its share by its token count; DDP averages gradients over processes, so the
-        # world-size factor turns that average back into the sum of the shares.
-        step_tokens = sum(target_tokens[i] for mb in micro_batches for i in mb)
-        step_loss = 0.0
-        for k, (mb, batch) in enumerate(zip(micro_batches, tensors)):
-            share = sum(target_tokens[i] for i in mb[rank.rank::rank.world_size]) / step_tokens
-            sync = k == len(micro_batches) - 1 or not rank.enabled  # all-reduce gradients once per step
-            with contextlib.nullcontext() if sync else model.no_sync():
-                loss = batch_loss(model, batch, tp.logits_on_targets, head, tp.loss_chunk) * share
-                (loss * rank.world_size).backward()
-            step_loss += loss.item()
-        step_loss = distributed.sum_across(step_loss, rank, device)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(step_loss)
-        step_ends.append(time.time())  # loss.item() above waited for the GPU: these are real step times
-        if step == first_step:
-            distributed.check_replicas_identical(peft_model, rank)
-        if tp.save_every and (step + 1) % tp.save_every == 0 and step + 1 < total_steps and rank.is_main:
-            checkpoints.save(step + 1, losses, peft_model, optimizer, schedule)
-        bar.set_postfix(loss=f"{step_loss:.4f}")
-        if step % tp.log_every == 0 or step == total_steps - 1:
-            tracker.log_metric("train_loss", step_loss, step=step)
+    # chunked loss: the LM head runs outside the model during the steps, and is back before saving
+    with lm_head_outside(peft_model, tp.logits_on_targets and tp.loss_chunk > 0) as head:
+        bar = tqdm(prefetch(batches()), initial=first_step, total=total_steps, desc="train", unit="step",
+                   disable=not (progress and rank.is_main))
+        for step, (micro_batches, tensors) in enumerate(bar, start=first_step):
+            # The step's loss is the mean over every target token of the global batch, as on one GPU. Each
+            # process weights its share by its token count; DDP averages gradients over processes, so the
+            # world-size factor turns that average back into the sum of the shares.
+            step_tokens = sum(target_tokens[i] for mb in micro_batches for i in mb)
+            step_loss = 0.0
+            for k, (mb, batch) in enumerate(zip(micro_batches, tensors)):
+                share = sum(target_tokens[i] for i in mb[rank.rank::rank.world_size]) / step_tokens
+                sync = k == len(micro_batches) - 1 or not rank.enabled  # all-reduce gradients once per step
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    loss = batch_loss(model, batch, tp.logits_on_targets, head, tp.loss_chunk) * share
+                    (loss * rank.world_size).backward()
+                step_loss += loss.item()
+            step_loss = distributed.sum_across(step_loss, rank, device)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+            step_ends.append(time.time())  # loss.item() above waited for the GPU: these are real step times
+            if step == first_step:
+                distributed.check_replicas_identical(peft_model, rank)
+            if tp.save_every and (step + 1) % tp.save_every == 0 and step + 1 < total_steps and rank.is_main:
+                checkpoints.save(step + 1, losses, peft_model, optimizer, schedule)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+            if step % tp.log_every == 0 or step == total_steps - 1:
+                tracker.log_metric("train_loss", step_loss, step=step)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.time() - start
-    if head is not None:
-        attach_lm_head(peft_model, head)
     distributed.check_replicas_identical(peft_model, rank)
 
     out = Path(tp.output_dir)
