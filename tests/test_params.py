@@ -60,3 +60,19 @@ def test_resolution_must_be_a_preset_of_the_family():
     assert "model" in msg and "tiny, small, base, large, gundam" in msg
     assert "nocrop, gundam" in error_for({"model": {"resolution": "large"}})
     assert "mode llm or both" in error_for({"lora": {"mode": "vision", "experts": True}})
+
+
+def test_compile_auto_resolves_by_device_and_setup():
+    """train.compile auto: every layer on CUDA, the vision towers only where compiling the language model
+    would recompile every step (LoRA on the routed experts) or is unmeasured (4-bit), nothing on CPU;
+    an explicit choice is kept."""
+    from ocr_finetune.train import compile_scope
+
+    def scope(device, **sections):
+        return compile_scope(validate_params(sections), device)
+
+    assert scope("cpu") == "none" and scope("cuda") == scope("cuda:1") == "all"
+    assert scope("cuda", lora={"mode": "llm", "experts": True}) == "vision"
+    assert scope("cuda", model={"load_in_4bit": True}) == "vision"
+    assert scope("cpu", train={"compile": "all"}) == "all"
+    assert scope("cuda", train={"compile": "none"}) == "none"

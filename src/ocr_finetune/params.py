@@ -179,8 +179,8 @@ class TrainParams(_Section):
     # lora.mode llm: the frozen vision towers run once per page, not once per step (train.cache_vision_features)
     cache_vision_features: bool = True
     # Regional torch.compile of the layers (ocr_finetune.compiled): all | vision (towers only) | none.
-    # auto = all on CUDA (about a minute of compiling once per run), none on CPU (compiling costs more there
-    # than it saves).
+    # auto (train.compile_scope) = all on CUDA (about a minute of compiling once per run), vision with
+    # lora.experts or a 4-bit base, none on CPU (compiling costs more there than it saves).
     compile: Literal["auto", "none", "vision", "all"] = "auto"
     log_every: int = Field(1, ge=1)
     output_dir: str = "models/adapter"
