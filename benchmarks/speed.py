@@ -53,7 +53,8 @@ TRAIN_LEVERS = {
     "+vision_feature_cache": {"train": {"compile": "none", "loss_chunk": 0}, "lora": {}, "model": {}},
     "+vision_feature_cache+compiled_all_layers": {"train": {"compile": "all", "loss_chunk": 0}, "lora": {},
                                                   "model": {}},
-    "+vision_feature_cache+compiled_all_layers+chunked_loss": {"train": {"compile": "all"}, "lora": {},
+    # the defaults of mode llm: the towers run once per page, so only the language model compiles
+    "+vision_feature_cache+compiled_llm_layers+chunked_loss": {"train": {"compile": "llm"}, "lora": {},
                                                                "model": {}},
 }
 

@@ -63,16 +63,20 @@ def test_resolution_must_be_a_preset_of_the_family():
 
 
 def test_compile_auto_resolves_by_device_and_setup():
-    """train.compile auto: every layer on CUDA, the vision towers only where compiling the language model
-    would recompile every step (LoRA on the routed experts) or is unmeasured (4-bit), nothing on CPU;
-    an explicit choice is kept."""
+    """train.compile auto: every layer on CUDA, but not the language model where it would recompile every
+    step (LoRA on the routed experts) or is unmeasured (4-bit), and not the vision towers where they run
+    once per page (mode llm, cached features); nothing on CPU; an explicit choice is kept."""
     from ocr_finetune.train import compile_scope
 
     def scope(device, **sections):
         return compile_scope(validate_params(sections), device)
 
     assert scope("cpu") == "none" and scope("cuda") == scope("cuda:1") == "all"
-    assert scope("cuda", lora={"mode": "llm", "experts": True}) == "vision"
+    assert scope("cuda", lora={"mode": "both", "experts": True}) == "vision"
     assert scope("cuda", model={"load_in_4bit": True}) == "vision"
+    # mode llm: the towers run once per page with cached features, so only the language model compiles
+    assert scope("cuda", lora={"mode": "llm"}) == "llm"
+    assert scope("cuda", lora={"mode": "llm"}, train={"cache_vision_features": False}) == "all"
+    assert scope("cuda", lora={"mode": "llm", "experts": True}) == "none"
     assert scope("cpu", train={"compile": "all"}) == "all"
     assert scope("cuda", train={"compile": "none"}) == "none"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-SCOPES = {"vision": ("vision_tower",), "all": ("vision_tower", "language_model")}
+SCOPES = {"vision": ("vision_tower",), "llm": ("language_model",), "all": ("vision_tower", "language_model")}
 _CLASSES: dict[tuple[type, bool], type] = {}
 
 
@@ -40,7 +40,8 @@ def _compiled_class(cls: type, static_dims: bool) -> type:
 
 
 def compile_layers(model, scope: str) -> int:
-    """Compile every transformer layer under the towers of `scope` (`vision` or `all`). Returns the count."""
+    """Compile every transformer layer under the towers of `scope` (`vision`, `llm` or `all`). Returns the
+    count."""
     if scope not in SCOPES:
         raise ValueError(f"compile scope {scope!r} (allowed values: {', '.join(SCOPES)})")
     # each layer class compiles once per grid size, grad mode and layer variant (windowed or global)

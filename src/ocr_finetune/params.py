@@ -178,10 +178,10 @@ class TrainParams(_Section):
     loss_chunk: int = Field(1024, ge=0)
     # lora.mode llm: the frozen vision towers run once per page, not once per step (train.cache_vision_features)
     cache_vision_features: bool = True
-    # Regional torch.compile of the layers (ocr_finetune.compiled): all | vision (towers only) | none.
-    # auto (train.compile_scope) = all on CUDA (about a minute of compiling once per run), vision with
-    # lora.experts or a 4-bit base, none on CPU (compiling costs more there than it saves).
-    compile: Literal["auto", "none", "vision", "all"] = "auto"
+    # Regional torch.compile of the layers (ocr_finetune.compiled): all | vision (towers) | llm | none.
+    # auto (train.compile_scope) on CUDA = all, minus the language model with lora.experts or a 4-bit base,
+    # minus the vision towers in mode llm with cached features; none on CPU (costs more than it saves).
+    compile: Literal["auto", "none", "vision", "llm", "all"] = "auto"
     log_every: int = Field(1, ge=1)
     output_dir: str = "models/adapter"
     # Interrupted runs continue from the last checkpoint (same params and data) instead of restarting.

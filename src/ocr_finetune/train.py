@@ -66,14 +66,19 @@ def load_base(params: Params, device: str, dtype: torch.dtype):
 
 
 def compile_scope(params: Params, device: str) -> str:
-    """train.compile resolved: `auto` is `all` on CUDA, except `vision` with LoRA on the routed experts
-    (PEFT re-creates their parametrized class every forward, so a compiled language-model layer would
-    recompile every step) or a 4-bit base (compiled bitsandbytes layers not measured yet); `none` on CPU."""
+    """train.compile resolved. `auto` on CUDA compiles
+    - the language model's layers, except with LoRA on the routed experts (PEFT rebuilds their parametrized
+      class at every forward, so the layer would recompile every step) or a 4-bit base (not measured);
+    - the vision towers' layers, except when they run once per page only (mode llm with cached features:
+      compiling them takes longer than that one pass on a dataset under about a thousand pages).
+    `auto` on CPU compiles nothing: it costs more there than it saves."""
     if params.train.compile != "auto":
         return params.train.compile
     if not device.startswith("cuda"):
         return "none"
-    return "vision" if params.lora.experts or params.model.load_in_4bit else "all"
+    llm = not (params.lora.experts or params.model.load_in_4bit)
+    vision = not (params.lora.mode == "llm" and params.train.cache_vision_features)
+    return {(True, True): "all", (True, False): "llm", (False, True): "vision", (False, False): "none"}[llm, vision]
 
 
 def enable_checkpointing(model, scope: bool | str) -> int:
