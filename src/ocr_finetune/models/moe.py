@@ -6,10 +6,10 @@ Why this exists: `generate()` switches `grouped_mm` experts to transformers' `ba
 DeepSeek-OCR's experts). At batch 64 a decode step gathers 2.6 GB per MoE layer: 12-18 ms of a 34 ms step on
 an H100 (benchmarks/results/profile_decode_steps_h100_b64.json). `grouped_mm` avoids the copies but was
 slower still at decode sizes (speed_h100_decode_grouped_mm.json). From a few tokens to a few hundred, the
-cheapest plan is to run every expert on every token and weight the outputs by the routing, zero for experts
-a token was not sent to: each expert's weights are read once per step (at batch 64 nearly every expert is
-routed to anyway), and the extra multiply-adds are nearly free while a decode step is memory-bound. No
-library switches between these plans by size, so this module does.
+cheapest plan is to run every expert on every token and keep, for each token, the outputs of the experts it
+was routed to: each expert's weights are read once per step (at batch 64 nearly every expert is routed to
+anyway), and the extra multiply-adds are nearly free while a decode step is memory-bound. No library
+switches between these plans by size, so this module does.
 """
 
 from __future__ import annotations
@@ -26,15 +26,15 @@ DENSE_MAX_TOKENS = 256
 
 def dense_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                           top_k_weights: torch.Tensor) -> torch.Tensor:
-    """Every expert on every token; outputs summed with the routing weights (zero where not routed)."""
+    """Every expert on every token; then each token's routed outputs, summed with their routing weights."""
     gate_up, down = self.gate_up_proj, self.down_proj
     if not self.is_transposed:  # stored (experts, out, in); matmul wants (experts, in, out)
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
     hidden = self._apply_gate(torch.matmul(hidden_states, gate_up))  # (experts, tokens, intermediate)
     out = torch.bmm(hidden, down)  # (experts, tokens, hidden)
-    routing = torch.zeros(hidden_states.shape[0], self.num_experts, device=hidden_states.device,
-                          dtype=torch.float32).scatter_(1, top_k_index, top_k_weights.float())
-    return torch.einsum("eth,te->th", out.float(), routing).to(hidden_states.dtype)
+    tokens = torch.arange(hidden_states.shape[0], device=hidden_states.device)[:, None]
+    routed = out[top_k_index, tokens]  # (tokens, top_k, hidden): unrouted outputs are never read
+    return (routed.float() * top_k_weights.float()[..., None]).sum(1).to(hidden_states.dtype)
 
 
 def adaptive_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
