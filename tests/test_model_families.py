@@ -33,6 +33,15 @@ def image_tokens(processor, ex) -> int:
     return int((ex.input_ids == processor.tokenizer.convert_tokens_to_ids("<image>")).sum())
 
 
+def perturb_lora(model, std: float) -> None:
+    """LoRA B starts at zero, which makes every adapter a no-op: give it random values so that the adapters
+    change outputs and gradients reach A."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, std)
+
+
 def test_params_presets_match_the_family_modules():
     assert set(RESOLUTIONS) == set(FAMILIES)
     for name in FAMILIES:
@@ -117,10 +126,7 @@ def test_adapter_round_trips_exactly(checkpoints, tmp_path, family_name, mode, e
     torch.manual_seed(0)
     tuned = attach_lora_from_params(family.load_model(path, torch.float32, "cpu"), family,
                                     LoraParams(mode=mode, r=8, alpha=16, experts=experts))
-    with torch.no_grad():
-        for name, p in tuned.named_parameters():
-            if "lora_B" in name:  # a trained adapter: B is no longer zero
-                p.normal_(0, 0.5)
+    perturb_lora(tuned, 0.5)  # a trained adapter: B is no longer zero
     tuned.eval()
     with torch.no_grad():
         tuned_logits = tuned(**inputs).logits
@@ -185,10 +191,7 @@ def test_loss_on_target_positions_equals_the_full_loss(checkpoints, family_name)
     for left in (False, True):
         torch.manual_seed(0)
         model = attach_lora_from_params(family.load_model(path, torch.float32, "cpu"), family, LoraParams())
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.1)
+        perturb_lora(model, 0.1)
         loss = batch_loss(model, pad_batch(items, processor.tokenizer.pad_token_id, family, left=left), left)
         loss.backward()
         losses.append(loss.item())
@@ -210,10 +213,7 @@ def test_cached_vision_features_give_the_loss_and_gradients_of_pixels(checkpoint
                                      ((700, 700), [10, 300, 600, 650], "long text " * 9))]
     torch.manual_seed(0)
     model = attach_lora_from_params(family.load_model(path, torch.float32, "cpu"), family, LoraParams(mode="llm"))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    perturb_lora(model, 0.1)
     model.train()
     pad = processor.tokenizer.pad_token_id
     losses, grads = [], []
@@ -247,10 +247,7 @@ def test_lora_computes_in_the_model_dtype_with_float32_weights(tiny_dir, mode):
         torch.manual_seed(0)
         model = attach_lora_from_params(family.load_model(tiny_dir, torch.bfloat16, "cpu"), family,
                                         LoraParams(mode=mode, compute=compute))
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.05)
+        perturb_lora(model, 0.05)
         seen = set()
         hooks = [m.register_forward_pre_hook(lambda _, args: seen.add(args[0].dtype))
                  for n, m in model.named_modules() if n.endswith("lora_A.default")]
@@ -283,9 +280,7 @@ def test_fused_sam_attention_matches_the_original_layer(checkpoints, family_name
     with torch.no_grad():
         for m in sam:  # SAM's zero init would make the bias vanish
             m.rel_pos_h.normal_(0, 0.5), m.rel_pos_w.normal_(0, 0.5)
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    perturb_lora(model, 0.1)
     batch = pad_batch(items, processor.tokenizer.pad_token_id, family)
     views = {k: batch[k] for k in ("pixel_values", "pixel_values_local", "num_local_patches", "patches_grid")
              if k in batch}
@@ -373,10 +368,7 @@ def test_checkpointing_scopes_keep_loss_and_gradients(checkpoints, family_name):
         torch.manual_seed(0)
         model = attach_lora_from_params(family.load_model(path, torch.float32, "cpu"), family,
                                         LoraParams(mode="both"))
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.1)
+        perturb_lora(model, 0.1)
         if scope:
             layers = {n: m.gradient_checkpointing for n, m in model.named_modules()
                       if hasattr(m, "gradient_checkpointing") and ".layers." in n}
@@ -419,10 +411,7 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_dir):
         model = family.load_model(tiny_dir, torch.float32, "cpu")
         family.use_fused_sam_attention(model)
         model = attach_lora_from_params(model, family, LoraParams(mode="both"))
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.1)
+        perturb_lora(model, 0.1)
         enable_checkpointing(model, "vision")
         if compiled:
             n = compile_layers(model, "all")
@@ -453,10 +442,7 @@ def test_chunked_loss_equals_the_full_loss(checkpoints, family_name):
     batch = pad_batch(items, processor.tokenizer.pad_token_id, family, left=True)
     torch.manual_seed(0)
     model = attach_lora_from_params(family.load_model(path, torch.float32, "cpu"), family, LoraParams(mode="llm"))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    perturb_lora(model, 0.1)
     model.train()
     results = []
     for chunk in (0, 7):  # 7: chunks that split a page's targets, and chunks holding only padding
