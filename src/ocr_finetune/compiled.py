@@ -50,7 +50,7 @@ def compile_layers(model, scope: str) -> int:
     for name, module in model.named_modules():
         path = f".{name}."
         if isinstance(module, GradientCheckpointingLayer) and any(f".{t}." in path for t in SCOPES[scope]):
-            if type(module) in {c for c in _CLASSES.values()}:
+            if type(module) in _CLASSES.values():  # compiled already
                 continue
             module.__class__ = _compiled_class(type(module), static_dims=".vision_tower." in path)
             changed += 1
