@@ -393,13 +393,14 @@ def test_checkpointing_scopes_keep_loss_and_gradients(checkpoints, family_name):
         assert torch.allclose(results[scope][1], results[False][1], rtol=1e-3, atol=1e-6)
 
 
-def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_dir):
+@pytest.mark.parametrize("family_name", ["deepseek-ocr2", "deepseek-ocr"])
+def test_compiled_layers_give_the_eager_loss_and_gradients(checkpoints, family_name):
     """train.compile (compiled.py): layers compiled in place, inside transformers' gradient checkpointing,
     give the eager step's loss and LoRA gradients (fp32, CPU inductor), over views of two grid sizes."""
     from ocr_finetune.compiled import compile_layers
     from ocr_finetune.train import batch_loss, enable_checkpointing
 
-    family = get_family("deepseek-ocr2")
+    family, tiny_dir = get_family(family_name), checkpoints[family_name]
     processor = family.load_processor(tiny_dir, "gundam")
     items = [family.encode_example(processor, page(size, box), PROMPT, text, 32)
              for size, box, text in (((500, 600), None, "# A"), ((1300, 900), [50, 80, 900, 300], "| a | b |"))]
