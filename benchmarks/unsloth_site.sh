@@ -4,7 +4,8 @@
 # so it cannot share a site with this project's pins; benchmarks run it from its own PYTHONPATH.
 #
 # The list is what `import unsloth; from unsloth import FastVisionModel` needed on a clean Python (found by
-# importing until nothing was missing, 2026-11-27, unsloth 2026.10.9). Left out to fit the carry limit:
+# importing until nothing was missing, 2026-11-27, unsloth 2026.10.9), plus pydantic for this project's
+# `train.pad_batch`, which unsloth_speed.py uses. Left out to fit the carry limit:
 # unsloth's `studio/` web app (90% of its wheel) and bitsandbytes' libraries for other CUDA/ROCm versions.
 # pyarrow and pandas (through datasets, which unsloth_zoo imports) are most of the size: if the GPU image
 # already has them, build with NO_ARROW=1.
@@ -17,7 +18,7 @@ packages=(unsloth==2026.10.9 unsloth_zoo==2026.10.9 transformers==5.17.0 "huggin
           xformers==0.0.35 bitsandbytes==0.50.2 peft==0.21.2 accelerate tyro docstring_parser typeguard shtab
           "datasets==4.3.0" dill multiprocess xxhash fsspec diffusers torchao cut_cross_entropy msgspec
           hf_transfer structlog json5 typer nest_asyncio sentencepiece protobuf rich markdown-it-py mdurl
-          pygments click shellingham psutil)
+          pygments click shellingham psutil pydantic pydantic_core annotated_types typing_inspection)
 [ "${NO_ARROW:-0}" = 1 ] || packages+=(pyarrow pandas python-dateutil pytz tzdata six)
 pip install -q --target "$site" --python-version 3.12 "${platforms[@]}" --only-binary=:all: --no-deps "${packages[@]}"
 rm -rf "$site"/studio "$site"/unsloth_cli

@@ -1,8 +1,8 @@
 """LoRA training speed of Unsloth on full-size DeepSeek-OCR-2, for comparison with this project's backend.
 
 Unsloth pins transformers <= 5.17, so this runs in its own environment (benchmarks/unsloth_site.sh builds
-it) and imports from this project only the model family's input building (`models/deepseek_ocr2.py`,
-which works on 5.17): both backends see the same pages, tokens and labels. The loop is the same for both
+it) and imports from this project only the input building (the dataset reader, the OCR-2 family's encoding and `train.pad_batch`,
+which work on 5.17): both backends see the same pages, tokens and labels as `train()`. The loop is the same for both
 backends (AdamW, bf16, fixed batches), so it times what Unsloth changes: its patched model, LoRA layers and
 gradient checkpointing. `--backend plain` is transformers + PEFT in the same environment, as a reference.
 This project's own numbers come from speed.py (transformers 5.23) in the same call.
@@ -20,34 +20,17 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
+from ocr_finetune.dataset import read_jsonl
 from ocr_finetune.models import deepseek_ocr2 as family
+from ocr_finetune.models.base import load_image
+from ocr_finetune.train import pad_batch, to_device
 
 
-def pages(jsonl: Path, n: int) -> list[tuple[Path, str, str]]:
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-    out = []
-    for row in rows[:n]:
-        user, assistant = row["messages"][0], row["messages"][1]
-        out.append((jsonl.parent / user["images"][0], user["content"], assistant["content"]))
-    return out
-
-
-def batch_inputs(processor, examples, max_label_tokens: int, device: str, dtype: torch.dtype) -> dict:
-    items = [family.encode_example(processor, Image.open(p).convert("RGB"), prompt, target, max_label_tokens)
-             for p, prompt, target in examples]
-    width = max(len(x.input_ids) for x in items)
-    pad = processor.tokenizer.pad_token_id
-    ids = torch.full((len(items), width), pad, dtype=torch.long)
-    labels = torch.full((len(items), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    for i, x in enumerate(items):
-        ids[i, : len(x.input_ids)], labels[i, : len(x.input_ids)], mask[i, : len(x.input_ids)] = x.input_ids, x.labels, 1
-    pixels = family.collate_pixels([x.pixel for x in items])
-    inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels, **pixels}
-    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
-            if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+def batch_inputs(processor, data: Path, batch: int, device: str, dtype: torch.dtype) -> dict:
+    items = [family.encode_example(processor, load_image(e.image), e.prompt, e.target, 1000)
+             for e in read_jsonl(data)[:batch]]
+    return to_device(pad_batch(items, processor.tokenizer.pad_token_id, family), device, dtype)
 
 
 def load(backend: str, base: Path, mode: str, r: int, checkpointing: bool, device: str, dtype: torch.dtype):
@@ -90,7 +73,7 @@ def main():
     cuda = args.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     processor = family.load_processor(args.base, "gundam")
-    inputs = batch_inputs(processor, pages(Path(args.data), args.batch), 1000, args.device, dtype)
+    inputs = batch_inputs(processor, Path(args.data), args.batch, args.device, dtype)
     model = load(args.backend, Path(args.base), args.mode, 16, args.checkpointing, args.device, dtype)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=2e-4)
