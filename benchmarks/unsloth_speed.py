@@ -16,9 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
+import sys
 import time
 from pathlib import Path
 
+if "plain" not in sys.argv:  # Unsloth patches transformers and PEFT as it is imported, so it comes first
+    import unsloth  # noqa: F401
 import torch
 
 from ocr_finetune.dataset import read_jsonl
@@ -39,10 +43,11 @@ def load(backend: str, base: Path, mode: str, r: int, checkpointing: bool, devic
 
         model, _ = FastVisionModel.from_pretrained(str(base), load_in_4bit=False, dtype=torch.bfloat16,
                                                    use_gradient_checkpointing="unsloth" if checkpointing else False)
-        model = FastVisionModel.get_peft_model(model, finetune_vision_layers=mode != "llm",
-                                               finetune_language_layers=True, finetune_attention_modules=True,
-                                               finetune_mlp_modules=True, r=r, lora_alpha=2 * r, lora_dropout=0,
-                                               bias="none", random_state=0)
+        # The modules train() adapts, as full paths: given its own broad names, Unsloth also adds LoRA on the
+        # routed experts (16x the trainable parameters), which our backend does only with lora.experts.
+        targets = [n for n, _ in model.named_modules() if re.fullmatch(family.lora_targets(mode), n)]
+        model = FastVisionModel.get_peft_model(model, target_modules=targets, r=r, lora_alpha=2 * r,
+                                               lora_dropout=0, bias="none", random_state=0)
         FastVisionModel.for_training(model)
         return model
     from peft import LoraConfig, get_peft_model

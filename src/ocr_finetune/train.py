@@ -274,6 +274,24 @@ def prefetch(items: Iterator, depth: int = 2) -> Iterator:
         yield item
 
 
+def step_plan(n_pages: int, batch_size: int, grad_accum: int, steps: int, seed: int) -> list[list[list[int]]]:
+    """Every step's micro-batches of page indices, drawn up front with the same seed on every rank, so all ranks
+    agree and a resumed run continues the same sequence. Pages are shuffled once per epoch and epochs follow each
+    other without a gap, so every micro-batch holds `batch_size` pages, even when the dataset has fewer pages
+    than a batch (a page then appears twice in it)."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    plan: list[list[list[int]]] = []
+    for _ in range(steps):
+        plan.append([])
+        for _ in range(grad_accum):
+            while len(order) < batch_size:
+                order += rng.sample(range(n_pages), n_pages)
+            plan[-1].append(order[:batch_size])
+            order = order[batch_size:]
+    return plan
+
+
 def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = None,
           metrics_dir: str | Path | None = None, progress: bool = True) -> TrainResult:
     tp = params.train
@@ -320,18 +338,7 @@ def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = Non
                       "num_gpus": rank.world_size, **{f"version.{k}": v for k, v in versions().items()}})
     tracker.log_metrics({"trainable_params": n_trainable, "train_pages": len(data)})
 
-    # Every step's micro-batches (global page indices), drawn up front with the same seed on every rank, so
-    # all ranks agree and a resumed run continues the same sequence.
-    rng = random.Random(tp.seed)
-    order: list[int] = []
-    plan: list[list[list[int]]] = []
-    for _ in range(total_steps):
-        plan.append([])
-        for _ in range(tp.grad_accum):
-            if len(order) < tp.batch_size:  # reshuffle every epoch, deterministically
-                order += rng.sample(range(len(data)), len(data))
-            plan[-1].append(order[: tp.batch_size])
-            order = order[tp.batch_size:]
+    plan = step_plan(len(data), tp.batch_size, tp.grad_accum, total_steps, tp.seed)
 
     checkpoints = Checkpoints(tp.checkpoint_dir, fingerprint(params, train_jsonl))
     state = checkpoints.load() if tp.resume != "never" else None
