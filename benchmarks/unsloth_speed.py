@@ -46,8 +46,11 @@ def load(backend: str, base: Path, mode: str, r: int, checkpointing: bool, devic
         # The modules train() adapts, as full paths: given its own broad names, Unsloth also adds LoRA on the
         # routed experts (16x the trainable parameters), which our backend does only with lora.experts.
         targets = [n for n, _ in model.named_modules() if re.fullmatch(family.lora_targets(mode), n)]
+        # get_peft_model turns on Unsloth's offloaded checkpointing by default: passed explicitly so that
+        # --checkpointing means the same for both backends
         model = FastVisionModel.get_peft_model(model, target_modules=targets, r=r, lora_alpha=2 * r,
-                                               lora_dropout=0, bias="none", random_state=0)
+                                               lora_dropout=0, bias="none", random_state=0,
+                                               use_gradient_checkpointing="unsloth" if checkpointing else False)
         FastVisionModel.for_training(model)
         return model
     from peft import LoraConfig, get_peft_model
