@@ -38,17 +38,19 @@ from ocr_finetune.train import to_device, train
 # Cumulative: each lever adds to the ones above it; the last line of a mode is the product's default.
 NO_CACHE = {"cache_vision_features": False}
 # adaptive_experts changes nothing in training (thousands of tokens per step take grouped_mm either way)
-PLAIN_MODEL = {"fused_sam_attention": False, "adaptive_experts": False}
+ONE_PASS = {"vision_batch": 0}  # the vision tower over every image of the batch at once
+PLAIN_MODEL = {"fused_sam_attention": False, "adaptive_experts": False, **ONE_PASS}
 EAGER = {**NO_CACHE, "compile": "none", "loss_chunk": 0}
 TRAIN_LEVERS = {
     "baseline": {"train": {**EAGER, "logits_on_targets": False}, "lora": {"compute": "float32"},
                  "model": PLAIN_MODEL},
     "+logits_on_targets": {"train": EAGER, "lora": {"compute": "float32"}, "model": PLAIN_MODEL},
     "+lora_in_model_dtype": {"train": EAGER, "lora": {}, "model": PLAIN_MODEL},
-    "+fused_sam_attention": {"train": EAGER, "lora": {}, "model": {}},
-    "+compiled_vision_layers": {"train": {**EAGER, "compile": "vision"}, "lora": {}, "model": {}},
-    "+compiled_all_layers": {"train": {**EAGER, "compile": "all"}, "lora": {}, "model": {}},
-    "+chunked_loss": {"train": {**NO_CACHE, "compile": "all"}, "lora": {}, "model": {}},
+    "+fused_sam_attention": {"train": EAGER, "lora": {}, "model": ONE_PASS},
+    "+compiled_vision_layers": {"train": {**EAGER, "compile": "vision"}, "lora": {}, "model": ONE_PASS},
+    "+compiled_all_layers": {"train": {**EAGER, "compile": "all"}, "lora": {}, "model": ONE_PASS},
+    "+chunked_loss": {"train": {**NO_CACHE, "compile": "all"}, "lora": {}, "model": ONE_PASS},
+    "+vision_passes": {"train": {**NO_CACHE, "compile": "all"}, "lora": {}, "model": {}},  # vision_batch 16
     # llm only: the frozen towers run once per page
     "+vision_feature_cache": {"train": {"compile": "none", "loss_chunk": 0}, "lora": {}, "model": {}},
     "+vision_feature_cache+compiled_all_layers": {"train": {"compile": "all", "loss_chunk": 0}, "lora": {},

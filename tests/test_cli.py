@@ -1,6 +1,7 @@
 """The CLI end to end on the tiny model, and MLflow logging of a training run."""
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -45,8 +46,12 @@ def test_console_script_and_main_py_agree():
         assert via_script.stdout == direct.stdout.replace("main.py", "ocr-finetune")
 
 
-def test_pdf2img_train_evaluate_infer_and_mlflow(tmp_path, models_cache):
-    params = small_params(tmp_path, models_cache)
+def test_pdf2img_train_evaluate_infer_and_mlflow(tmp_path, models_cache, tiny_dir):
+    # the base as a Hugging Face cache snapshot: its repo and revision are recorded with the adapter and in MLflow
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "hub" / "models--acme--ocr-tiny" / "snapshots" / revision
+    shutil.copytree(tiny_dir, snapshot)
+    params = small_params(tmp_path, models_cache, model={"base": str(snapshot)})
     out = cli("pdf2img", "--pdf", SAMPLES, "--output", tmp_path / "pages", "--dpi", 40)
     assert "rendered" in out and (tmp_path / "pages" / "korean_memo_p1.png").is_file()
 
@@ -93,6 +98,13 @@ def test_pdf2img_train_evaluate_infer_and_mlflow(tmp_path, models_cache):
     # secrets in the environment never reach the tracking store or the adapter's run record
     assert SECRET not in json.dumps([run.data.params, run.data.tags, run.data.metrics])
     assert SECRET not in (tmp_path / "adapter" / "ocr_finetune.json").read_text()
+    import transformers
+
+    info = json.loads((tmp_path / "adapter" / "ocr_finetune.json").read_text())
+    assert info["family"] == "deepseek-ocr2" and info["versions"]["transformers"] == transformers.__version__
+    assert info["base_source"] == {"repo_id": "acme/ocr-tiny", "revision": revision, "path": str(snapshot)}
+    assert run.data.tags["base_revision"] == revision and run.data.tags["family"] == "deepseek-ocr2"
+    assert run.data.tags["version.transformers"] == transformers.__version__
 
 
 def test_set_override_is_validated(tmp_path, models_cache):

@@ -57,3 +57,57 @@ def test_two_processes_train_what_one_trains(tmp_path, models_cache, sample_data
 def test_batch_must_split_evenly_over_gpus():
     with pytest.raises(ParamsError, match="train.*batch_size \\(3\\) must be a multiple of num_gpus \\(2\\)"):
         validate_params({"train": {"batch_size": 3, "num_gpus": 2}})
+
+
+def _feature_worker(rank: int, world: int, path: str, port: int, out: str) -> None:
+    import os
+
+    from PIL import Image, ImageDraw
+
+    from ocr_finetune.distributed import Dist
+    from ocr_finetune.lora import attach_lora_from_params
+    from ocr_finetune.models import get_family
+    from ocr_finetune.params import LoraParams
+    from ocr_finetune.train import cache_vision_features
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if world > 1:
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    family = get_family("deepseek-ocr2")
+    processor = family.load_processor(path, "nocrop")  # one view a page: images through the tower = pages
+    pages = []
+    for i in range(5):
+        im = Image.new("RGB", (300, 400), "white")
+        ImageDraw.Draw(im).rectangle([20, 20 + 40 * i, 280, 60 + 40 * i], fill="black")
+        pages.append(family.encode_example(processor, im, "<image>\nFree OCR.", f"line {i}", 16))
+    torch.manual_seed(0)
+    model = attach_lora_from_params(family.load_model(path, torch.float32, "cpu"), family, LoraParams(mode="llm"))
+    patch_embed = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels == 3)
+    images = []
+    patch_embed.register_forward_pre_hook(lambda _, args: images.append(args[0].shape[0]))
+    cache_vision_features(model, family, pages, 1, "cpu", torch.float32, False, Dist(rank, rank, world))
+    torch.save({"images": sum(images), "features": [p.features for p in pages]}, f"{out}/{world}-{rank}.pt")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def test_vision_feature_pass_is_shared_between_processes(tmp_path, tiny_dir):
+    """Mode llm under DDP: each of 2 processes runs the towers on its own pages only (3 and 2 of 5), and
+    both end with every page's features, equal to those of one process."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    _feature_worker(0, 1, str(tiny_dir), 0, str(tmp_path))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_feature_worker, args=(2, str(tiny_dir), port, str(tmp_path)), nprocs=2)
+    alone = torch.load(tmp_path / "1-0.pt")
+    shared = [torch.load(tmp_path / f"2-{r}.pt") for r in (0, 1)]
+    assert alone["images"] == 5
+    assert [s["images"] for s in shared] == [3, 2]
+    for s in shared:
+        assert len(s["features"]) == 5
+        for a, b in zip(alone["features"], s["features"]):
+            assert torch.allclose(a, b, atol=1e-5)

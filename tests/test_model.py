@@ -1,10 +1,13 @@
+import json
+import os
+
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from ocr_finetune.lora import attach_lora, load_adapter
 from ocr_finetune.models import get_family
-from ocr_finetune.models.base import ModelLoadError, load_image
+from ocr_finetune.models.base import ModelLoadError, checkpoint_source, load_image, resolve_checkpoint
 from ocr_finetune.models.deepseek_ocr2 import checkpoint_dir, encode_example, load_model, load_processor
 from PIL import Image, ImageDraw
 
@@ -69,10 +72,55 @@ def test_adapter_with_missing_tensors_is_refused(tiny_dir, tmp_path):
 
 def test_missing_hub_model_offline_says_how_to_download(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError, match="huggingface-cli download"):
+    with pytest.raises(ModelLoadError, match="`hf download deepseek-community/DeepSeek-OCR-2 --local-dir"):
         checkpoint_dir("deepseek-community/DeepSeek-OCR-2", tmp_path, allow_download=True)
     with pytest.raises(ModelLoadError, match="allow_download is false"):
         checkpoint_dir("deepseek-community/DeepSeek-OCR-2", tmp_path, allow_download=False)
+
+
+def test_unreachable_hub_is_one_clear_error(tmp_path):
+    """The hub's address refuses connections (a proxy down, a firewall): a ModelLoadError that says how to
+    download by hand, not the HTTP client's traceback."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = ("from ocr_finetune.models.base import ModelLoadError, resolve_checkpoint\n"
+            "try:\n"
+            f"    resolve_checkpoint('acme/ocr', {str(tmp_path)!r}, True, '1 GB')\n"
+            "except ModelLoadError as e:\n"
+            "    print('ERROR', e)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{port}"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ERROR could not download acme/ocr" in r.stdout and "`hf download acme/ocr --local-dir" in r.stdout
+
+
+def test_partly_downloaded_checkpoint_is_not_loaded(tmp_path):
+    target = tmp_path / "acme--ocr"
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+    (target / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    (target / "model-00001-of-00002.safetensors").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="only partly"):
+        resolve_checkpoint("acme/ocr", tmp_path, allow_download=False, size_hint="1 GB")
+    (target / "model-00002-of-00002.safetensors").write_bytes(b"x")
+    assert resolve_checkpoint("acme/ocr", tmp_path, allow_download=False, size_hint="1 GB") == target
+
+
+def test_checkpoint_revision_from_hand_downloads(tmp_path):
+    """`hf download --local-dir` keeps each file's commit in .cache/huggingface/download/*.metadata."""
+    folder = tmp_path / "by-hand"
+    meta = folder / ".cache" / "huggingface" / "download"
+    meta.mkdir(parents=True)
+    commit = "a" * 40
+    (meta / "config.json.metadata").write_text(f"{commit}\n{'b' * 40}\n1712656091.123\n")
+    assert checkpoint_source(folder) == {"path": str(folder), "revision": commit}
+    assert checkpoint_source(tmp_path) == {"path": str(tmp_path)}
 
 
 def test_missing_or_broken_image_is_a_clear_error(tmp_path):

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from ocr_finetune.lora import attach_lora_from_params, load_adapter, lora_modules, trainable_parameters
 from ocr_finetune.models import FAMILIES, get_family
 from ocr_finetune.params import RESOLUTIONS, LoraParams
-from ocr_finetune.train import pad_batch
+from ocr_finetune.train import batch_loss, pad_batch
 
 PROMPT = "<image>\nFree OCR."
 
@@ -43,7 +43,12 @@ def perturb_lora(model, std: float) -> None:
 
 
 def test_params_presets_match_the_family_modules():
+    import typing
+
+    from ocr_finetune.params import ModelParams
+
     assert set(RESOLUTIONS) == set(FAMILIES)
+    assert set(typing.get_args(ModelParams.model_fields["family"].annotation)) == set(FAMILIES)
     for name in FAMILIES:
         assert tuple(get_family(name).RESOLUTIONS) == RESOLUTIONS[name]
 
@@ -456,5 +461,37 @@ def test_chunked_loss_equals_the_full_loss(checkpoints, family_name):
                                                 if p.requires_grad])))
         model.zero_grad(set_to_none=True)
     assert type(model.get_base_model().lm_head).__name__ == "Linear"
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+    assert torch.allclose(results[1][1], results[0][1], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("family_name", ["deepseek-ocr2", "deepseek-ocr"])
+def test_vision_tower_in_passes_gives_the_same_loss_and_gradients(checkpoints, family_name):
+    """model.vision_batch: the vision tower over at most 2 images at a time (3 pages of global views and up to
+    9 tiles) gives the loss and LoRA gradients (mode both) of one pass, and no pass holds more than 2 images."""
+    family, path = get_family(family_name), checkpoints[family_name]
+    processor = family.load_processor(path, "gundam")
+    items = [family.encode_example(processor, page(size, box), PROMPT, text, 48)
+             for size, box, text in (((500, 600), None, "# A\n\nshort"), ((1300, 900), [50, 80, 900, 300], "x y z"),
+                                     ((900, 1400), [100, 100, 500, 700], "| a | b |\n| --- | --- |\n"))]
+    batch = pad_batch(items, processor.tokenizer.pad_token_id, family, left=True)
+    assert batch["pixel_values_local"].shape[0] > 2
+    torch.manual_seed(0)
+    model = attach_lora_from_params(family.load_model(path, torch.float32, "cpu"), family, LoraParams(mode="both"))
+    perturb_lora(model, 0.1)
+    model.train()
+    patch_embed = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels == 3)
+    images_seen = []
+    patch_embed.register_forward_pre_hook(lambda _, args: images_seen.append(args[0].shape[0]))
+    results = []
+    for images_per_pass in (0, 2):
+        assert family.chunk_vision_tower(model, images_per_pass)
+        images_seen.clear()
+        loss = batch_loss(model, batch, True)
+        loss.backward()
+        results.append((loss.item(), torch.cat([p.grad.flatten() for _, p in sorted(model.named_parameters())
+                                                if p.requires_grad]), max(images_seen)))
+        model.zero_grad(set_to_none=True)
+    assert results[0][2] > 2 and results[1][2] == 2
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
     assert torch.allclose(results[1][1], results[0][1], rtol=1e-3, atol=1e-6)

@@ -80,3 +80,8 @@ def test_compile_auto_resolves_by_device_and_setup():
     assert scope("cuda", lora={"mode": "llm", "experts": True}) == "none"
     assert scope("cpu", train={"compile": "all"}) == "all"
     assert scope("cuda", train={"compile": "none"}) == "none"
+
+
+def test_remote_code_switch_is_refused_with_the_reason():
+    with pytest.raises(ParamsError, match=r"unknown key `model.trust_remote_code`: not offered: .*transformers 4.46"):
+        validate_params({"model": {"trust_remote_code": True}})

@@ -81,3 +81,26 @@ def test_step_plan_fills_every_batch_and_covers_each_epoch():
         assert max(Counter(seen).values()) <= whole_epochs + 1
     assert step_plan(10, 4, 1, 5, seed=0) == step_plan(10, 4, 1, 5, seed=0)  # every rank draws the same plan
     assert step_plan(10, 4, 1, 5, seed=0) != step_plan(10, 4, 1, 5, seed=1)
+
+
+def test_checkpoint_fingerprint_ignores_speed_settings_only(tmp_path):
+    """A run that ran out of memory resumes with other speed settings; anything that changes what is trained
+    starts afresh."""
+    from ocr_finetune.checkpoint import fingerprint
+    from ocr_finetune.params import validate_params
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"image": "a.png"}\n')
+
+    def key(**sections):
+        return fingerprint(validate_params(sections), data)
+
+    base = key()
+    for speed in ({"train": {"gradient_checkpointing": "vision", "compile": "none", "loss_chunk": 0}},
+                  {"model": {"vision_batch": 4, "adaptive_experts": False, "fused_sam_attention": False}}):
+        assert key(**speed) == base, speed
+    for change in ({"train": {"learning_rate": 1e-4}}, {"train": {"batch_size": 3}}, {"lora": {"mode": "llm"}},
+                   {"model": {"resolution": "gundam"}}):
+        assert key(**change) != base, change
+    data.write_text('{"image": "b.png"}\n')
+    assert key() != base

@@ -20,12 +20,17 @@ from .params import Params
 
 STATE = "state.pt"
 # Settings that do not change what is computed, only where it runs or what is written.
-NOT_FINGERPRINTED = {"output_dir", "log_every", "save_every", "checkpoint_dir", "resume", "num_gpus", "device"}
+NOT_FINGERPRINTED = {"output_dir", "log_every", "save_every", "checkpoint_dir", "resume", "num_gpus", "device",
+                     # how fast and in how much memory, not what is computed: a run that ran out of memory
+                     # resumes with more checkpointing or smaller vision passes
+                     "gradient_checkpointing", "compile", "loss_chunk", "cache_vision_features"}
+MODEL_NOT_FINGERPRINTED = {"fused_sam_attention", "adaptive_experts", "vision_batch", "cache_dir", "allow_download"}
 
 
 def fingerprint(params: Params, train_jsonl: str | Path) -> str:
     train = {k: v for k, v in params.train.model_dump().items() if k not in NOT_FINGERPRINTED}
-    blob = json.dumps({"model": params.model.model_dump(), "lora": params.lora.model_dump(), "train": train,
+    model = {k: v for k, v in params.model.model_dump().items() if k not in MODEL_NOT_FINGERPRINTED}
+    blob = json.dumps({"model": model, "lora": params.lora.model_dump(), "train": train,
                        "prompt": params.dataset.prompt}, sort_keys=True)
     h = hashlib.sha256(blob.encode())
     h.update(Path(train_jsonl).read_bytes())

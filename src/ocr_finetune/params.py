@@ -129,6 +129,9 @@ class ModelParams(_Section):
     # Routed experts by batch size (models.moe): every expert on every token for decode batches, instead of
     # transformers' per-token copies of expert weights; grouped_mm for long inputs, as before.
     adaptive_experts: bool = True
+    # Images per vision-tower pass (models._deepseek.chunk_vision_tower): bounds the memory of the tower's
+    # largest layer, recomputed under checkpointing or run in one inference prefill; 0 = all at once.
+    vision_batch: int = Field(16, ge=0)
 
     @model_validator(mode="after")
     def _resolution(self):
@@ -254,13 +257,21 @@ def _allowed(model: type[BaseModel], loc: tuple) -> str | None:
     return None
 
 
+# Keys users reach for that are left out on purpose, and why.
+NOT_OFFERED = {
+    "model.trust_remote_code": "not offered: DeepSeek-OCR's remote code needs transformers 4.46 and fails on the "
+                               "5.x this project pins; its weights load natively with model.family=deepseek-ocr "
+                               "(docs/models.md, 'Remote code')",
+}
+
+
 def _format(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(str(x) for x in e["loc"])
         key = ".".join(loc) or "(top level)"
         if e["type"] == "extra_forbidden":
-            msg = f"unknown key `{key}`"
+            msg = f"unknown key `{key}`" + (f": {NOT_OFFERED[key]}" if key in NOT_OFFERED else "")
         else:
             got = e.get("input")
             msg = f"`{key}` = {got!r}: {e['msg']}"

@@ -62,6 +62,7 @@ def load_base(params: Params, device: str, dtype: torch.dtype):
         family.use_fused_sam_attention(model)
     if params.model.adaptive_experts and device.startswith("cuda"):  # on CPU grouped_mm is faster
         use_adaptive_experts(model)
+    family.chunk_vision_tower(model, params.model.vision_batch)
     return family, model, family.load_processor(path, params.model.resolution), path
 
 

@@ -143,6 +143,44 @@ def generation_inputs(processor, images, prompt: str) -> tuple[dict, int]:
     return {"input_ids": ids, "attention_mask": mask, **collate_pixels([views(e) for e in encs])}, width
 
 
+# ---------------------------------------------------------------- the vision tower over a few images at a time
+
+def chunk_vision_tower(model, images_per_pass: int) -> bool:
+    """Run the vision tower (SAM and the second encoder) over at most `images_per_pass` images at a time and
+    join the outputs; 0 runs every image at once. Returns whether the model has such a tower.
+
+    A page in gundam mode is a 1024px view and up to 6 tiles of 768px, 17,920 SAM tokens, and
+    `get_image_features` hands the tower every page's tiles at once. With gradient checkpointing, the backward
+    pass recomputes each layer for all of them together, and that layer's intermediates, about 0.3 GB a page,
+    are the largest transient of the step; the same holds for one inference prefill over a large batch. In
+    passes, each pass's layers are separate checkpoints, recomputed one pass after the other. The outputs and
+    gradients are the same; a pass of 16 images is still tens of thousands of tokens, so the kernels stay large.
+    """
+    owner = next((m for m in model.modules() if isinstance(getattr(m, "vision_tower", None), torch.nn.Module)
+                  and hasattr(m, "multi_modal_projector")), None)
+    if owner is None:
+        return False
+    tower = owner.vision_tower
+    forward = type(tower).forward  # the class's own, so applying this twice does not nest
+
+    def chunked_forward(self, pixel_values, *args, **kwargs):
+        if images_per_pass <= 0 or pixel_values.shape[0] <= images_per_pass:
+            return forward(self, pixel_values, *args, **kwargs)
+        parts = [forward(self, chunk, *args, **kwargs) for chunk in pixel_values.split(images_per_pass)]
+        return type(parts[0])(**{key: _join([part[key] for part in parts]) for key in parts[0].keys()})
+
+    tower.forward = types.MethodType(chunked_forward, tower)
+    return True
+
+
+def _join(values: list):
+    if isinstance(values[0], torch.Tensor):
+        return torch.cat(values)
+    if isinstance(values[0], tuple):  # hidden states or attentions: one tensor per layer
+        return tuple(_join(list(layer)) for layer in zip(*values))
+    raise TypeError(f"cannot join vision tower outputs of type {type(values[0]).__name__}")
+
+
 # ---------------------------------------------------------------- SAM attention without a materialised bias
 
 def use_fused_sam_attention(model) -> int:

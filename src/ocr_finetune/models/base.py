@@ -39,34 +39,56 @@ def resolve_checkpoint(base: str, cache_dir: str | Path, allow_download: bool, s
     if local.is_dir():
         return local
     target = Path(cache_dir) / slug(base)
-    if (target / "config.json").is_file():
+    if (target / "config.json").is_file() and weights_complete(target):
         return target
+    by_hand = f"`hf download {base} --local-dir {target}`"
     if not allow_download:
-        raise ModelLoadError(f"{base} is not in {target} and model.allow_download is false. Download it by hand: "
-                             f"`huggingface-cli download {base} --local-dir {target}`")
+        raise ModelLoadError(f"{base} is not (or only partly) in {target} and model.allow_download is false. "
+                             f"Download it by hand: {by_hand}")
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    print(f"model.base={base} is not in {target}: downloading it from the Hugging Face Hub ({size_hint}). "
-          f"Set HF_TOKEN for gated or private models.", flush=True)
+    print(f"model.base={base} is not (complete) in {target}: downloading it from the Hugging Face Hub "
+          f"({size_hint}; files already there are kept). Set HF_TOKEN for gated or private models.", flush=True)
     token = os.environ.get("HF_TOKEN") or None
     try:
         revision = HfApi().model_info(base, token=token).sha  # pin what we download, and record it
         snapshot_download(repo_id=base, revision=revision, local_dir=target, token=token)
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - hub errors come from huggingface_hub, httpx and the OS alike
         raise ModelLoadError(
             f"could not download {base} ({type(e).__name__}: {e}). If this machine is offline, download it "
-            f"elsewhere with `huggingface-cli download {base} --local-dir {target}` and copy the folder here, "
-            f"or set model.base to a local checkpoint directory.") from None
+            f"elsewhere with {by_hand} and copy the folder here, or set model.base to a local checkpoint "
+            f"directory.") from None
     write_json(target / SOURCE, {"repo_id": base, "revision": revision})
     return target
 
 
+def weights_complete(path: Path) -> bool:
+    """Whether every weight file a checkpoint names is there: an interrupted download leaves config.json
+    with some shards missing, and is then resumed rather than loaded."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values())
+        return all((path / shard).is_file() for shard in shards)
+    return any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+
+
 def checkpoint_source(path: str | Path) -> dict:
-    """Where a checkpoint came from: hub id and revision when we downloaded it, else just its path."""
+    """Where a checkpoint came from and which revision: from our own download record, from the download
+    metadata `hf download --local-dir` keeps, or from a Hugging Face cache snapshot's folder name; else just
+    its path."""
     path = Path(path)
     if (path / SOURCE).is_file():
         return json.loads((path / SOURCE).read_text(encoding="utf-8"))
+    metadata = path / ".cache" / "huggingface" / "download" / "config.json.metadata"
+    if metadata.is_file():
+        commit = metadata.read_text(encoding="utf-8").split("\n", 1)[0].strip()
+        if re.fullmatch(r"[0-9a-f]{40}", commit):
+            return {"path": str(path), "revision": commit}
+    resolved = path.absolute()  # not resolved: a cache snapshot's files are links into its blob store
+    if resolved.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", resolved.name) \
+            and resolved.parent.parent.name.startswith("models--"):
+        repo_id = resolved.parent.parent.name[len("models--"):].replace("--", "/", 1)
+        return {"repo_id": repo_id, "revision": resolved.name, "path": str(path)}
     return {"path": str(path)}
 
 

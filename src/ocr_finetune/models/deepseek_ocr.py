@@ -33,6 +33,7 @@ from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import
 from . import _deepseek
 from ._deepseek import (  # noqa: F401
     EXPERT_PARAMETERS,
+    chunk_vision_tower,
     collate_pixels,
     encode_example,
     generation_inputs,

@@ -21,6 +21,7 @@ from transformers import (
 from . import _deepseek
 from ._deepseek import (  # noqa: F401
     EXPERT_PARAMETERS,
+    chunk_vision_tower,
     collate_pixels,
     encode_example,
     generation_inputs,
