@@ -76,6 +76,15 @@ def test_pdf2img_train_evaluate_infer_and_mlflow(tmp_path, models_cache, tiny_di
     result = json.loads((tmp_path / "results.json").read_text())
     assert set(result["summary"]) >= {"base", "finetuned"} and result["pages"]
     assert all(0 <= p["base"]["cer"] and 0 <= p["finetuned"]["ned"] <= 1 for p in result["pages"])
+    assert result["model"] == {"family": "deepseek-ocr2", "base": str(snapshot), "resolution": "nocrop"}
+    # params.yaml asking for another resolution: base and fine-tuned both read the pages as the adapter was trained
+    from ocr_finetune.evaluate import evaluate
+    from ocr_finetune.params import load_params
+
+    gundam = load_params(params)
+    gundam = gundam.model_copy(update={"model": gundam.model.model_copy(update={"resolution": "gundam"})})
+    again = evaluate(gundam, tmp_path / "ds" / "eval.jsonl", tmp_path / "adapter", progress=False)
+    assert again["model"]["resolution"] == "nocrop"
 
     cli("infer", "--params", params, "--images", tmp_path / "pages", "--output", tmp_path / "md",
         "--adapter", tmp_path / "adapter", "--max-new-tokens", 4, "--batch-size", 3)

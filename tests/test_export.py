@@ -46,8 +46,9 @@ def test_merged_export_keeps_the_original_names_and_the_adapter(request, tmp_pat
     path = request.getfixturevalue(fixture)
     family = get_family(family_name)
     adapter = trained_adapter(family_name, path, tmp_path / "adapter", "both")
+    # load_in_4bit as a QLoRA run's params say: the export still merges into the full-precision base
     params = validate_params({"model": {"family": family_name, "cache_dir": str(models_cache),
-                                        "resolution": "gundam"}})
+                                        "resolution": "gundam", "load_in_4bit": True}})
     out = export_merged(params, adapter, tmp_path / "merged", dtype=torch.float32)
 
     assert checkpoint_keys(out) == checkpoint_keys(path)  # every tensor under its original name and shape

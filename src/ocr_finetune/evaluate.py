@@ -15,6 +15,7 @@ from .models.base import write_json
 from .params import Params
 from .report import write_report
 from .tracking import Tracker, flatten
+from .train import adapter_params
 
 
 def evaluate(params: Params, eval_jsonl: str | Path, adapter_dir: str | Path | None,
@@ -29,6 +30,9 @@ def evaluate(params: Params, eval_jsonl: str | Path, adapter_dir: str | Path | N
     systems = {"base": None}
     if adapter_dir is not None:
         systems["finetuned"] = adapter_dir
+        # The base model reads the pages as the adapter was trained to (its family, base and resolution), so
+        # the two differ by the adapter alone.
+        params = adapter_params(params, adapter_dir)
     outputs: dict[str, list[str]] = {}
     for name, adapter in systems.items():
         model = LocalModel(params, adapter_dir=adapter, device=params.train.device)
@@ -58,7 +62,8 @@ def evaluate(params: Params, eval_jsonl: str | Path, adapter_dir: str | Path | N
     doc_rows = [{"doc": doc, **{f"{name}_{k}": round(statistics.fmean(r[name][k] for r in rows), 4)
                                 for name in systems for k in ("cer", "cer_clipped", "ned")}}
                 for doc, rows in sorted(per_doc.items())]
-    result = {"summary": summary, "per_doc": doc_rows, "pages": pages}
+    result = {"summary": summary, "per_doc": doc_rows, "pages": pages,
+              "model": {k: getattr(params.model, k) for k in ("family", "base", "resolution")}}
     if metrics_dir is not None:
         metrics_dir = Path(metrics_dir)
         metrics_dir.mkdir(parents=True, exist_ok=True)
