@@ -62,11 +62,13 @@ def test_merged_export_keeps_the_original_names_and_the_adapter(request, tmp_pat
     assert json.loads((out / RUN_INFO).read_text())["exported_as"] == "merged"
 
 
-def test_vllm_lora_export_maps_every_tensor_to_an_original_weight(tmp_path, tiny_dir):
-    adapter = trained_adapter("deepseek-ocr2", tiny_dir, tmp_path / "adapter", "llm")
+@pytest.mark.parametrize("family_name,fixture", [("deepseek-ocr2", "tiny_dir"), ("deepseek-ocr", "tiny_v1_dir")])
+def test_vllm_lora_export_maps_every_tensor_to_an_original_weight(request, tmp_path, family_name, fixture):
+    path = request.getfixturevalue(fixture)
+    adapter = trained_adapter(family_name, path, tmp_path / "adapter", "llm")
     out = export_vllm_lora(adapter, tmp_path / "vllm")
     weights = load_file(out / "adapter_model.safetensors")
-    original = checkpoint_keys(tiny_dir)
+    original = checkpoint_keys(path)
     assert weights
     for key, tensor in weights.items():
         assert key.startswith("base_model.model.model.layers."), key
