@@ -143,3 +143,29 @@ def test_plots_render_offline(repo, tmp_path):
                    check=True, capture_output=True, timeout=120)
     with Image.open(png) as im:
         assert ImageStat.Stat(im.convert("L")).stddev[0] > 20  # axes, bars and lines, not an empty page
+
+
+def test_interrupted_repro_resumes_training(repo):
+    """`dvc repro` killed in the middle of training: the next `dvc repro` continues from the last checkpoint
+    (train.resume: auto) instead of starting again."""
+    import signal
+    import time
+
+    repo, env = repo
+    set_param(repo, "train.max_steps", 30)
+    set_param(repo, "train.save_every", 2)
+    proc = subprocess.Popen(["dvc", "repro", "train"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while not list((repo / "models" / "checkpoints").glob("*/*")) and time.time() < deadline:
+        assert proc.poll() is None, "training ended before its first checkpoint"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # dvc and the training process under it, as a crash or power cut would
+    proc.wait()
+    out = run(["dvc", "repro", "train"], repo, env)
+    assert ran(out) == ["train"]
+    step = re.search(r"resuming from step (\d+) of 30", out)
+    assert step and int(step.group(1)) >= 2, out[-2000:]
+    assert json.loads((repo / "metrics" / "train.json").read_text())["steps"] == 30
+    assert len((repo / "metrics" / "train_loss.csv").read_text().splitlines()) == 1 + 30  # earlier steps kept
+    assert not list((repo / "models" / "checkpoints").glob("*/*"))  # a finished run deletes its checkpoint
