@@ -495,3 +495,24 @@ def test_vision_tower_in_passes_gives_the_same_loss_and_gradients(checkpoints, f
     assert results[0][2] > 2 and results[1][2] == 2
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
     assert torch.allclose(results[1][1], results[0][1], rtol=1e-3, atol=1e-6)
+
+
+def test_v1_decoding_keeps_every_generated_token_in_view(tiny_v1_dir):
+    """Past 128 generated tokens, each decode step's logits still equal a full forward pass over the whole
+    sequence: the class's default window (which drops generated tokens older than 128 from view) is off. With
+    that window on, the same check fails (difference ~0.4 from token 129 on)."""
+    family = get_family("deepseek-ocr")
+    processor = family.load_processor(tiny_v1_dir, "base")
+    inputs, _ = family.generation_inputs(processor, [page((300, 400))], PROMPT)
+    model = family.load_model(tiny_v1_dir, torch.float32, "cpu").eval()
+    new = 150
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id,
+                             eos_token_id=None)
+        sequence = out.sequences[:, :-1]
+        pixels = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        full = model(input_ids=sequence, attention_mask=torch.ones_like(sequence), **pixels).logits[:, -new:]
+    decoded = torch.stack(out.logits, 1)
+    assert decoded.shape == full.shape
+    assert torch.allclose(decoded[:, 130:], full[:, 130:], atol=1e-4), (decoded - full).abs().max()
