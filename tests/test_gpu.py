@@ -59,8 +59,8 @@ def test_static_cache_decoding_matches_plain_decoding(models_cache):
                 break  # the inputs differ from here on
 
 
-@pytest.mark.parametrize("mode", ["llm", "both"])
-def test_fast_training_step_matches_the_plain_step(tiny_dir, mode):
+@pytest.mark.parametrize("mode,kernel", [("llm", "flash"), ("both", "flash"), ("both", "cudnn")])
+def test_fast_training_step_matches_the_plain_step(tiny_dir, mode, kernel):
     """What train() does by default on CUDA (fused SAM attention, LoRA in bf16 with float32 weights, vision
     features cached in llm mode, logits on targets only, in chunks, compiled layers) gives the plain transformers + PEFT step's loss and
     adapter gradients within bf16 tolerance."""
@@ -87,7 +87,7 @@ def test_fast_training_step_matches_the_plain_step(tiny_dir, mode):
         torch.manual_seed(0)
         model = family.load_model(tiny_dir, torch.bfloat16, "cuda")
         if fast:
-            family.use_fused_sam_attention(model)
+            family.use_fused_sam_attention(model, kernel)
         model = attach_lora_from_params(model, family, LoraParams(mode=mode,
                                                                   compute="model_dtype" if fast else "float32"))
         if fast:  # compiled layers, and for `both` checkpointing of the vision towers around them

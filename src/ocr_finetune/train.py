@@ -59,7 +59,7 @@ def load_base(params: Params, device: str, dtype: torch.dtype):
     extra = quantization(dtype, device) if params.model.load_in_4bit else {}
     model = family.load_model(path, dtype, device, **extra)
     if params.model.fused_sam_attention:
-        family.use_fused_sam_attention(model)
+        family.use_fused_sam_attention(model, params.model.sam_attention_kernel)
     if params.model.adaptive_experts and device.startswith("cuda"):  # on CPU grouped_mm is faster
         use_adaptive_experts(model)
     family.chunk_vision_tower(model, params.model.vision_batch)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .base import Encoded, resolve_checkpoint, write_json
 
@@ -183,7 +184,7 @@ def _join(values: list):
 
 # ---------------------------------------------------------------- SAM attention without a materialised bias
 
-def use_fused_sam_attention(model) -> int:
+def use_fused_sam_attention(model, kernel: str = "flash") -> int:
     """Give the SAM encoder's attention layers a forward that folds the relative-position bias into the
     dot product, so SDPA runs its flash kernel instead of reading an N x N bias. Returns the layers changed.
 
@@ -193,13 +194,23 @@ def use_fused_sam_attention(model) -> int:
     and reduces an N x N bias gradient. The same scores come from longer vectors: q' = [q * scale, rel_h, rel_w]
     and k' = [k, onehot(row(j)), onehot(col(j))], so q'.k' = scale q.k + bias. Exact in exact arithmetic;
     checked against the original layer in tests/test_model_families.py.
+
+    kernel: `flash` pads v to q' and k' 's head size (flash kernels need one size: 192 for the 1024px view's
+    64 + 64 + 64, so p.v does 3x the work); `cudnn` keeps v at 64 and runs cuDNN's attention, which takes
+    different q/k and v sizes on Hopper (on the CPU both run the same math).
     """
+    if kernel not in SAM_KERNELS:
+        raise ValueError(f"unknown SAM attention kernel {kernel!r} (allowed values: {', '.join(SAM_KERNELS)})")
     changed = 0
     for module in model.modules():
         if type(module).__name__.endswith("SamVisionSdpaAttention") and module.use_rel_pos:
             module.forward = types.MethodType(_sam_attention_forward, module)
+            module.fused_kernel = kernel
             changed += 1
     return changed
+
+
+SAM_KERNELS = ("flash", "cudnn")
 
 
 def _sam_attention_forward(self, hidden_states: torch.Tensor, output_attentions=False):
@@ -217,8 +228,15 @@ def _sam_attention_forward(self, hidden_states: torch.Tensor, output_attentions=
     eye_w = torch.eye(width, dtype=query.dtype, device=query.device).repeat(height, 1)  # col(j)
     query = torch.cat([query * self.scale, rel_h, rel_w], dim=-1)
     key = torch.cat([key, eye_h.expand(batch, heads, n, height), eye_w.expand(batch, heads, n, width)], dim=-1)
-    dim = -(-query.shape[-1] // 8) * 8  # flash kernels take head sizes in multiples of 8, equal for q, k and v
+    dim = -(-query.shape[-1] // 8) * 8  # fused kernels take head sizes in multiples of 8
     query, key = F.pad(query, (0, dim - query.shape[-1])), F.pad(key, (0, dim - key.shape[-1]))
-    out = F.scaled_dot_product_attention(query, key, F.pad(value, (0, dim - head_dim)), scale=1.0)[..., :head_dim]
+    if getattr(self, "fused_kernel", "flash") == "cudnn":
+        if query.is_cuda:
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):  # the only fused kernel for v smaller than q and k
+                out = F.scaled_dot_product_attention(query, key, value, scale=1.0)
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, scale=1.0)
+    else:  # flash kernels take one head size for q, k and v
+        out = F.scaled_dot_product_attention(query, key, F.pad(value, (0, dim - head_dim)), scale=1.0)[..., :head_dim]
     out = out.reshape(batch, heads, height, width, head_dim).permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1)
     return self.proj(out), None
