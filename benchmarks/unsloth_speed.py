@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-if "plain" not in sys.argv:  # Unsloth patches transformers and PEFT as it is imported, so it comes first
+if not {"plain", "--backend=plain"} & set(sys.argv):  # Unsloth patches transformers and PEFT as it is imported
     import unsloth  # noqa: F401
 import torch
 

@@ -70,8 +70,8 @@ def _feature_worker(rank: int, world: int, path: str, port: int, out: str) -> No
     from ocr_finetune.params import LoraParams
     from ocr_finetune.train import cache_vision_features
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if world > 1:
+    if world > 1:  # a spawned process: its environment is its own
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     family = get_family("deepseek-ocr2")
     processor = family.load_processor(path, "nocrop")  # one view a page: images through the tower = pages

@@ -157,7 +157,7 @@ def test_interrupted_repro_resumes_training(repo):
     proc = subprocess.Popen(["dvc", "repro", "train"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
-    while not list((repo / "models" / "checkpoints").glob("*/*")) and time.time() < deadline:
+    while not list((repo / "models" / "checkpoints").glob("*/state.pt")) and time.time() < deadline:
         assert proc.poll() is None, "training ended before its first checkpoint"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # dvc and the training process under it, as a crash or power cut would

@@ -93,10 +93,39 @@ def test_unreachable_hub_is_one_clear_error(tmp_path):
             f"    resolve_checkpoint('acme/ocr', {str(tmp_path)!r}, True, '1 GB')\n"
             "except ModelLoadError as e:\n"
             "    print('ERROR', e)\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{port}"}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "ERROR could not download acme/ocr" in r.stdout and "`hf download acme/ocr --local-dir" in r.stdout
+    def resolve_against(endpoint):
+        env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": endpoint}
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+
+    out = resolve_against(f"http://127.0.0.1:{port}")
+    assert "ERROR could not download acme/ocr" in out and "`hf download acme/ocr --local-dir" in out
+
+    # a hub that answers, but has no such repository (or it is gated): the advice is about the name and token
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b'{"error": "Repository not found"}'
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = resolve_against(f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+    assert "ERROR the Hugging Face Hub refused acme/ocr" in out and "HF_TOKEN" in out
 
 
 def test_partly_downloaded_checkpoint_is_not_loaded(tmp_path):
@@ -110,6 +139,15 @@ def test_partly_downloaded_checkpoint_is_not_loaded(tmp_path):
         resolve_checkpoint("acme/ocr", tmp_path, allow_download=False, size_hint="1 GB")
     (target / "model-00002-of-00002.safetensors").write_bytes(b"x")
     assert resolve_checkpoint("acme/ocr", tmp_path, allow_download=False, size_hint="1 GB") == target
+    partial = target / ".cache" / "huggingface" / "download" / "tokenizer.json.incomplete"  # cut off mid-file
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="only partly"):
+        resolve_checkpoint("acme/ocr", tmp_path, allow_download=False, size_hint="1 GB")
+    partial.unlink()
+    (target / "model.safetensors.index.json").unlink()  # shards before their index
+    with pytest.raises(ModelLoadError, match="only partly"):
+        resolve_checkpoint("acme/ocr", tmp_path, allow_download=False, size_hint="1 GB")
 
 
 def test_checkpoint_revision_from_hand_downloads(tmp_path):

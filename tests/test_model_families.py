@@ -498,22 +498,34 @@ def test_vision_tower_in_passes_gives_the_same_loss_and_gradients(checkpoints, f
     assert torch.allclose(results[1][1], results[0][1], rtol=1e-3, atol=1e-6)
 
 
-def test_v1_decoding_keeps_every_generated_token_in_view(tiny_v1_dir):
+def test_v1_decoding_keeps_every_generated_token_in_view(tiny_v1_dir, tmp_path):
     """Past 128 generated tokens, each decode step's logits still equal a full forward pass over the whole
-    sequence: the class's default window (which drops generated tokens older than 128 from view) is off. With
-    that window on, the same check fails (difference ~0.4 from token 129 on)."""
+    sequence: load_model turns off the class's default window (which drops generated tokens older than 128
+    from view). The checkpoint's config names no attention types, as the hub's v1 configs do; loaded plainly,
+    the same check fails."""
+    import shutil
+
+    from transformers import UnlimitedOcrForConditionalGeneration
+
     family = get_family("deepseek-ocr")
-    processor = family.load_processor(tiny_v1_dir, "base")
+    hub_like = tmp_path / "v1"
+    shutil.copytree(tiny_v1_dir, hub_like)
+    config = json.loads((hub_like / "config.json").read_text())
+    config["text_config"].pop("layer_types")
+    (hub_like / "config.json").write_text(json.dumps(config))
+    processor = family.load_processor(hub_like, "base")
     inputs, _ = family.generation_inputs(processor, [page((300, 400))], PROMPT)
-    model = family.load_model(tiny_v1_dir, torch.float32, "cpu").eval()
+    pixels = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     new = 150
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id,
-                             eos_token_id=None)
-        sequence = out.sequences[:, :-1]
-        pixels = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-        full = model(input_ids=sequence, attention_mask=torch.ones_like(sequence), **pixels).logits[:, -new:]
-    decoded = torch.stack(out.logits, 1)
-    assert decoded.shape == full.shape
-    assert torch.allclose(decoded[:, 130:], full[:, 130:], atol=1e-4), (decoded - full).abs().max()
+
+    def decode_vs_full(model):
+        with torch.no_grad():
+            out = model.eval().generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                        output_logits=True, return_dict_in_generate=True, eos_token_id=None,
+                                        pad_token_id=processor.tokenizer.pad_token_id)
+            sequence = out.sequences[:, :-1]
+            full = model(input_ids=sequence, attention_mask=torch.ones_like(sequence), **pixels).logits[:, -new:]
+        return (torch.stack(out.logits, 1) - full)[:, 130:].abs().max().item()
+
+    assert decode_vs_full(family.load_model(hub_like, torch.float32, "cpu")) < 1e-4
+    assert decode_vs_full(UnlimitedOcrForConditionalGeneration.from_pretrained(hub_like)) > 1e-2

@@ -162,16 +162,24 @@ def chunk_vision_tower(model, images_per_pass: int) -> bool:
     if owner is None:
         return False
     tower = owner.vision_tower
-    forward = type(tower).forward  # the class's own, so applying this twice does not nest
-
-    def chunked_forward(self, pixel_values, *args, **kwargs):
-        if images_per_pass <= 0 or pixel_values.shape[0] <= images_per_pass:
-            return forward(self, pixel_values, *args, **kwargs)
-        parts = [forward(self, chunk, *args, **kwargs) for chunk in pixel_values.split(images_per_pass)]
-        return type(parts[0])(**{key: _join([part[key] for part in parts]) for key in parts[0].keys()})
-
-    tower.forward = types.MethodType(chunked_forward, tower)
+    # the forward in place before the first call (a hook's wrapper, say), kept so that calling this again
+    # replaces the passes rather than nesting them
+    tower.__dict__.setdefault("_forward_in_one_pass", tower.forward)
+    tower._images_per_pass = images_per_pass
+    tower.forward = types.MethodType(_forward_in_passes, tower)  # bound: a deepcopy calls its own tower
     return True
+
+
+def _forward_in_passes(self, pixel_values, *args, **kwargs):
+    forward, per_pass, n = self._forward_in_one_pass, self._images_per_pass, pixel_values.shape[0]
+    if per_pass <= 0 or n <= per_pass:
+        return forward(pixel_values, *args, **kwargs)
+    # passes of equal size (17 images: 9 + 8, not 16 + 1): a pass of one image would make the compiled layers
+    # specialise and compile again
+    parts = [forward(chunk, *args, **kwargs) for chunk in torch.tensor_split(pixel_values, -(-n // per_pass))]
+    if isinstance(parts[0], tuple):  # return_dict=False
+        return tuple(_join(list(field)) for field in zip(*parts))
+    return type(parts[0])(**{key: _join([part[key] for part in parts]) for key in parts[0].keys()})
 
 
 def _join(values: list):
@@ -201,6 +209,11 @@ def use_fused_sam_attention(model, kernel: str = "flash") -> int:
     """
     if kernel not in SAM_KERNELS:
         raise ValueError(f"unknown SAM attention kernel {kernel!r} (allowed values: {', '.join(SAM_KERNELS)})")
+    weight = next(model.parameters())
+    if kernel == "cudnn" and weight.is_cuda and not _cudnn_trains(weight.device, weight.dtype):
+        print("note: this GPU's cuDNN attention cannot train SAM's head sizes; model.sam_attention_kernel=flash "
+              "is used instead", flush=True)
+        kernel = "flash"
     changed = 0
     for module in model.modules():
         if type(module).__name__.endswith("SamVisionSdpaAttention") and module.use_rel_pos:
@@ -211,6 +224,30 @@ def use_fused_sam_attention(model, kernel: str = "flash") -> int:
 
 
 SAM_KERNELS = ("flash", "cudnn")
+
+
+def _cudnn_head_sizes(qk: int, v: int) -> tuple[int, int]:
+    """The q/k and v head sizes to pad to for cuDNN attention, forward and backward, as PyTorch's checks allow
+    them on Hopper: both up to 128, or 192 with 128 (DeepSeek-V3's attention shape), or 256 with 256."""
+    if qk <= 128 and v <= 128:
+        return qk, v
+    if qk <= 192 and v <= 128:
+        return 192, 128
+    return 256, 256
+
+
+def _cudnn_trains(device, dtype) -> bool:
+    """Whether cuDNN attention runs forward and backward here at the head sizes SAM needs (windowed layers
+    64 + 14 + 14 -> 96 with 64; global layers 192 with 128): one small step of each."""
+    try:
+        for qk, v in (_cudnn_head_sizes(96, 64), _cudnn_head_sizes(192, 64)):
+            q, k = (torch.randn(1, 2, 64, qk, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+            vv = torch.randn(1, 2, 64, v, device=device, dtype=dtype, requires_grad=True)
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                F.scaled_dot_product_attention(q, k, vv, scale=1.0).sum().backward()
+        return True
+    except RuntimeError:
+        return False
 
 
 def _sam_attention_forward(self, hidden_states: torch.Tensor, output_attentions=False):
@@ -231,11 +268,16 @@ def _sam_attention_forward(self, hidden_states: torch.Tensor, output_attentions=
     dim = -(-query.shape[-1] // 8) * 8  # fused kernels take head sizes in multiples of 8
     query, key = F.pad(query, (0, dim - query.shape[-1])), F.pad(key, (0, dim - key.shape[-1]))
     if getattr(self, "fused_kernel", "flash") == "cudnn":
+        # cuDNN takes a v shorter than q and k: 64 + 14 + 14 -> 96 with 64 in windowed layers, 192 with 128
+        # in global ones (where flash pads v to 192)
+        qk, v = _cudnn_head_sizes(dim, head_dim)
+        query, key = F.pad(query, (0, qk - dim)), F.pad(key, (0, qk - dim))
+        value = F.pad(value, (0, v - head_dim))
         if query.is_cuda:
-            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):  # the only fused kernel for v smaller than q and k
-                out = F.scaled_dot_product_attention(query, key, value, scale=1.0)
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                out = F.scaled_dot_product_attention(query, key, value, scale=1.0)[..., :head_dim]
         else:
-            out = F.scaled_dot_product_attention(query, key, value, scale=1.0)
+            out = F.scaled_dot_product_attention(query, key, value, scale=1.0)[..., :head_dim]
     else:  # flash kernels take one head size for q, k and v
         out = F.scaled_dot_product_attention(query, key, F.pad(value, (0, dim - head_dim)), scale=1.0)[..., :head_dim]
     out = out.reshape(batch, heads, height, width, head_dim).permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1)

@@ -46,6 +46,7 @@ def resolve_checkpoint(base: str, cache_dir: str | Path, allow_download: bool, s
         raise ModelLoadError(f"{base} is not (or only partly) in {target} and model.allow_download is false. "
                              f"Download it by hand: {by_hand}")
     from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
 
     print(f"model.base={base} is not (complete) in {target}: downloading it from the Hugging Face Hub "
           f"({size_hint}; files already there are kept). Set HF_TOKEN for gated or private models.", flush=True)
@@ -53,11 +54,15 @@ def resolve_checkpoint(base: str, cache_dir: str | Path, allow_download: bool, s
     try:
         revision = HfApi().model_info(base, token=token).sha  # pin what we download, and record it
         snapshot_download(repo_id=base, revision=revision, local_dir=target, token=token)
-    except Exception as e:  # noqa: BLE001 - hub errors come from huggingface_hub, httpx and the OS alike
+    except HfHubHTTPError as e:  # the hub answered: no such repo, gated, private, or a server error
+        raise ModelLoadError(
+            f"the Hugging Face Hub refused {base} ({type(e).__name__}: {e}). Check the spelling of model.base; "
+            f"for a gated or private model accept its terms on the hub and set HF_TOKEN.") from e
+    except Exception as e:  # noqa: BLE001 - no answer: offline, DNS, proxy, TLS (httpx and OS errors alike)
         raise ModelLoadError(
             f"could not download {base} ({type(e).__name__}: {e}). If this machine is offline, download it "
             f"elsewhere with {by_hand} and copy the folder here, or set model.base to a local checkpoint "
-            f"directory.") from None
+            f"directory.") from e
     write_json(target / SOURCE, {"repo_id": base, "revision": revision})
     return target
 
@@ -65,10 +70,14 @@ def resolve_checkpoint(base: str, cache_dir: str | Path, allow_download: bool, s
 def weights_complete(path: Path) -> bool:
     """Whether every weight file a checkpoint names is there: an interrupted download leaves config.json
     with some shards missing, and is then resumed rather than loaded."""
+    if any((path / ".cache" / "huggingface" / "download").rglob("*.incomplete")):  # a file cut off mid-way
+        return False
     index = path / "model.safetensors.index.json"
     if index.is_file():
         shards = set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values())
         return all((path / shard).is_file() for shard in shards)
+    if any(path.glob("*-of-*.safetensors")):  # shards whose index has not arrived yet
+        return False
     return any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
 
 
