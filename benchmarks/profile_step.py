@@ -60,7 +60,8 @@ def run_config(base: Path, data: Path, mode: str, batch: int, ckpt: bool | str, 
     processor = family.load_processor(base, "gundam")
     params = validate_params({"model": {"base": str(base), "resolution": "gundam"}, "lora": {"mode": mode}})
     model = family.load_model(base, torch.bfloat16, "cuda")
-    family.use_fused_sam_attention(model)  # as train() does by default
+    family.use_fused_sam_attention(model, params.model.sam_attention_kernel)  # as train() does by default
+    family.chunk_vision_tower(model, params.model.vision_batch)
     model = attach_lora_from_params(model, family, params.lora)
     if ckpt:
         enable_checkpointing(model, ckpt)
