@@ -24,7 +24,8 @@ NOT_FINGERPRINTED = {"output_dir", "log_every", "save_every", "checkpoint_dir", 
                      # how fast and in how much memory, not what is computed: a run that ran out of memory
                      # resumes with more checkpointing or smaller vision passes
                      "gradient_checkpointing", "compile", "loss_chunk", "cache_vision_features"}
-MODEL_NOT_FINGERPRINTED = {"fused_sam_attention", "sam_attention_kernel", "adaptive_experts", "vision_batch", "allow_download"}
+MODEL_NOT_FINGERPRINTED = {"fused_sam_attention", "sam_attention_kernel", "adaptive_experts", "vision_batch",
+                           "allow_download"}
 
 
 def fingerprint(params: Params, train_jsonl: str | Path) -> str:

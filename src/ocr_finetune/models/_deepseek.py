@@ -8,6 +8,7 @@ model reads them by name, so one encoder/collator serves both families.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import types
 from pathlib import Path
@@ -204,8 +205,9 @@ def use_fused_sam_attention(model, kernel: str = "flash") -> int:
     checked against the original layer in tests/test_model_families.py.
 
     kernel: `flash` pads v to q' and k' 's head size (flash kernels need one size: 192 for the 1024px view's
-    64 + 64 + 64, so p.v does 3x the work); `cudnn` keeps v at 64 and runs cuDNN's attention, which takes
-    different q/k and v sizes on Hopper (on the CPU both run the same math).
+    64 + 64 + 64, so p.v does 3x the work); `cudnn` runs cuDNN's attention, which takes a shorter v on Hopper
+    (`_cudnn_head_sizes`), and falls back to `flash` where a trial step fails. On the CPU both run the same
+    math.
     """
     if kernel not in SAM_KERNELS:
         raise ValueError(f"unknown SAM attention kernel {kernel!r} (allowed values: {', '.join(SAM_KERNELS)})")
@@ -266,19 +268,12 @@ def _sam_attention_forward(self, hidden_states: torch.Tensor, output_attentions=
     query = torch.cat([query * self.scale, rel_h, rel_w], dim=-1)
     key = torch.cat([key, eye_h.expand(batch, heads, n, height), eye_w.expand(batch, heads, n, width)], dim=-1)
     dim = -(-query.shape[-1] // 8) * 8  # fused kernels take head sizes in multiples of 8
-    query, key = F.pad(query, (0, dim - query.shape[-1])), F.pad(key, (0, dim - key.shape[-1]))
-    if getattr(self, "fused_kernel", "flash") == "cudnn":
-        # cuDNN takes a v shorter than q and k: 64 + 14 + 14 -> 96 with 64 in windowed layers, 192 with 128
-        # in global ones (where flash pads v to 192)
-        qk, v = _cudnn_head_sizes(dim, head_dim)
-        query, key = F.pad(query, (0, qk - dim)), F.pad(key, (0, qk - dim))
-        value = F.pad(value, (0, v - head_dim))
-        if query.is_cuda:
-            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-                out = F.scaled_dot_product_attention(query, key, value, scale=1.0)[..., :head_dim]
-        else:
-            out = F.scaled_dot_product_attention(query, key, value, scale=1.0)[..., :head_dim]
-    else:  # flash kernels take one head size for q, k and v
-        out = F.scaled_dot_product_attention(query, key, F.pad(value, (0, dim - head_dim)), scale=1.0)[..., :head_dim]
+    cudnn = getattr(self, "fused_kernel", "flash") == "cudnn"
+    # flash kernels take one head size for q, k and v; cuDNN a shorter v (96/64 windowed, 192/128 global)
+    qk, v = _cudnn_head_sizes(dim, head_dim) if cudnn else (dim, dim)
+    query, key = F.pad(query, (0, qk - query.shape[-1])), F.pad(key, (0, qk - key.shape[-1]))
+    value = F.pad(value, (0, v - head_dim))
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]) if cudnn and query.is_cuda else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(query, key, value, scale=1.0)[..., :head_dim]
     out = out.reshape(batch, heads, height, width, head_dim).permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1)
     return self.proj(out), None
