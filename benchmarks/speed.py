@@ -52,7 +52,7 @@ TRAIN_LEVERS = {
     "+chunked_loss": {"train": {**NO_CACHE, "compile": "all"}, "lora": {}, "model": ONE_PASS},
     "+vision_passes": {"train": {**NO_CACHE, "compile": "all"}, "lora": {}, "model": {}},  # vision_batch 16
     "+cudnn_sam_attention": {"train": {**NO_CACHE, "compile": "all"}, "lora": {},
-                             "model": {"sam_attention_kernel": "cudnn"}},  # v unpadded in SAM's attention
+                             "model": {"sam_attention_kernel": "cudnn"}},  # a shorter v in SAM's attention
     # llm only: the frozen towers run once per page
     "+vision_feature_cache": {"train": {"compile": "none", "loss_chunk": 0}, "lora": {}, "model": {}},
     "+vision_feature_cache+compiled_all_layers": {"train": {"compile": "all", "loss_chunk": 0}, "lora": {},

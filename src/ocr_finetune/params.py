@@ -126,7 +126,7 @@ class ModelParams(_Section):
     load_in_4bit: bool = False  # QLoRA: base weights in 4 bits (bitsandbytes, CUDA only)
     # SAM's relative-position attention through SDPA's flash kernels (models._deepseek.use_fused_sam_attention)
     fused_sam_attention: bool = True
-    # Its kernel on CUDA: flash (v padded to q and k's head size) | cudnn (v unpadded; cuDNN attention)
+    # Its kernel on CUDA: flash (v padded to q and k's head size) | cudnn (a shorter v; cuDNN attention)
     sam_attention_kernel: Literal["flash", "cudnn"] = "flash"
     # Routed experts by batch size (models.moe): every expert on every token for decode batches, instead of
     # transformers' per-token copies of expert weights; grouped_mm for long inputs, as before.
