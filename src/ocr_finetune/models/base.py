@@ -72,11 +72,11 @@ def weights_complete(path: Path) -> bool:
     with some shards missing, and is then resumed rather than loaded."""
     if any((path / ".cache" / "huggingface" / "download").rglob("*.incomplete")):  # a file cut off mid-way
         return False
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shards = set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values())
-        return all((path / shard).is_file() for shard in shards)
-    if any(path.glob("*-of-*.safetensors")):  # shards whose index has not arrived yet
+    indexes = list(path.glob("*.index.json"))  # model.safetensors.index.json, pytorch_model.bin.index.json
+    if indexes:
+        return all((path / shard).is_file() for index in indexes
+                   for shard in json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values())
+    if any(path.glob("*-of-*.safetensors")) or any(path.glob("*-of-*.bin")):  # shards before their index
         return False
     return any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
 
