@@ -529,3 +529,24 @@ def test_v1_decoding_keeps_every_generated_token_in_view(tiny_v1_dir, tmp_path):
 
     assert decode_vs_full(family.load_model(hub_like, torch.float32, "cpu")) < 1e-4
     assert decode_vs_full(UnlimitedOcrForConditionalGeneration.from_pretrained(hub_like)) > 1e-2
+
+
+@pytest.mark.parametrize("family_name", ["deepseek-ocr2", "deepseek-ocr"])
+def test_vision_tower_in_passes_joins_every_output(checkpoints, family_name):
+    """Tuples (return_dict=False) and per-layer hidden states come back whole from passes of equal size."""
+    family = get_family(family_name)
+    model = family.load_model(checkpoints[family_name], torch.float32, "cpu")
+    tower = next(m.vision_tower for m in model.modules() if hasattr(m, "multi_modal_projector"))
+    side = model.config.vision_config.sam_config.image_size
+    images = torch.randn(5, 3, side, side)
+    with torch.no_grad():
+        whole = tower(images, output_hidden_states=True)
+        whole_tuple = tower(images, return_dict=False)
+        assert family.chunk_vision_tower(model, 2)
+        passes = tower(images, output_hidden_states=True)
+        passes_tuple = tower(images, return_dict=False)
+    assert isinstance(passes_tuple, tuple) and len(passes_tuple) == len(whole_tuple)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(whole_tuple, passes_tuple))
+    assert len(passes.hidden_states) == len(whole.hidden_states) > 1
+    for a, b in zip((whole.last_hidden_state, *whole.hidden_states), (passes.last_hidden_state, *passes.hidden_states)):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
