@@ -167,12 +167,18 @@ def main():
     ap.add_argument("--commit")
     args = ap.parse_args()
     out, base, data = speed_setup(args)
-    rows = []
+    result = {"benchmark": "profile_step", "env": environment(args.commit), "configs": [], "decode": []}
+
+    def save():  # after every profile: a run cut off by a time limit keeps what it measured
+        (out / "profile_step.json").write_text(json.dumps(result, indent=2) + "\n")
+
     for spec in args.configs:
-        rows.append(run_config(base, data, *train_config(spec), args.compile))
-    decode = [decode_profile(base, data, b, static) for b in args.decode_batches for static in (False, True)]
-    result = {"benchmark": "profile_step", "env": environment(args.commit), "configs": rows, "decode": decode}
-    (out / "profile_step.json").write_text(json.dumps(result, indent=2) + "\n")
+        result["configs"].append(run_config(base, data, *train_config(spec), args.compile))
+        save()
+    for batch in args.decode_batches:
+        for static in (False, True):
+            result["decode"].append(decode_profile(base, data, batch, static))
+            save()
 
 
 if __name__ == "__main__":

@@ -63,8 +63,7 @@ TRAIN_LEVERS = {
 }
 
 
-def train_runs(base: Path, data: Path, work: Path, steps: int, configs, levers: list[str]) -> list[dict]:
-    rows = []
+def train_runs(base: Path, data: Path, work: Path, steps: int, configs, levers: list[str], record) -> None:
     for (mode, batch, ckpt), lever in [(c, lv) for c in configs for lv in levers]:
         if lever.startswith("+vision_feature_cache") and mode != "llm":
             continue
@@ -80,23 +79,21 @@ def train_runs(base: Path, data: Path, work: Path, steps: int, configs, levers: 
         try:
             r = train(params, data, progress=False)
             pages = len(read_jsonl(data))
-            rows.append({"lever": lever, "mode": mode, "batch": batch, "checkpointing": ckpt,
-                         "pages_per_second": round(r.pages_per_second, 2), "peak_gib": r.peak_memory_gib,
-                         # one epoch including the vision-feature pass (zero without the cache)
-                         "epoch_pages_per_second": round(pages / (pages / r.pages_per_second
-                                                                  + r.vision_feature_seconds), 2),
-                         "vision_feature_seconds": round(r.vision_feature_seconds, 2),
-                         "loss_first": round(r.losses[0], 4), "loss_last": round(r.losses[-1], 4)})
+            record({"lever": lever, "mode": mode, "batch": batch, "checkpointing": ckpt,
+                    "pages_per_second": round(r.pages_per_second, 2), "peak_gib": r.peak_memory_gib,
+                    # one epoch including the vision-feature pass (zero without the cache)
+                    "epoch_pages_per_second": round(pages / (pages / r.pages_per_second + r.vision_feature_seconds),
+                                                    2),
+                    "vision_feature_seconds": round(r.vision_feature_seconds, 2),
+                    "loss_first": round(r.losses[0], 4), "loss_last": round(r.losses[-1], 4)})
             del r
         except torch.OutOfMemoryError:
-            rows.append({"lever": lever, "mode": mode, "batch": batch, "checkpointing": ckpt, "error": "OOM"})
+            record({"lever": lever, "mode": mode, "batch": batch, "checkpointing": ckpt, "error": "OOM"})
         except Exception as e:  # a lever that fails on this model is a result too
-            rows.append({"lever": lever, "mode": mode, "batch": batch, "checkpointing": ckpt,
-                         "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            record({"lever": lever, "mode": mode, "batch": batch, "checkpointing": ckpt,
+                    "error": f"{type(e).__name__}: {str(e)[:300]}"})
         gc.collect()
         torch.cuda.empty_cache()
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
 
 
 def decode_inputs(family, processor, examples, batch: int) -> dict:
@@ -114,7 +111,8 @@ def timed_generate(model, inputs, new_tokens: int, **kwargs) -> float:
     return time.perf_counter() - t0
 
 
-def decode_runs(base: Path, data: Path, new_tokens: int, batches: list[int], only: list[str] | None) -> list[dict]:
+def decode_runs(base: Path, data: Path, new_tokens: int, batches: list[int], only: list[str] | None,
+                record) -> None:
     family = get_family("deepseek-ocr2")
     processor = family.load_processor(base, "gundam")
     examples = read_jsonl(data)
@@ -144,7 +142,6 @@ def decode_runs(base: Path, data: Path, new_tokens: int, batches: list[int], onl
             {}, lambda: (torch.backends.cuda.enable_cudnn_sdp(False), family.use_fused_sam_attention(model),
                          use_adaptive_experts(model))),
     }
-    rows = []
     for lever, (kwargs, setup) in levers.items():
         if only and lever not in only:
             continue
@@ -158,18 +155,16 @@ def decode_runs(base: Path, data: Path, new_tokens: int, batches: list[int], onl
                     prefill = min(timed_generate(model, inputs, 1, **common, **kwargs) for _ in range(2))
                     total = min(timed_generate(model, inputs, new_tokens, **common, **kwargs) for _ in range(2))
                 ms_per_step = 1000 * (total - prefill) / (new_tokens - 1)
-                rows.append({"lever": lever, "batch": batch, "new_tokens": new_tokens,
-                             "ms_per_token_step": round(ms_per_step, 2),
-                             "tokens_per_second": round(batch * new_tokens / total, 1),
-                             "decode_tokens_per_second": round(batch * 1000 / ms_per_step, 1),
-                             "prefill_s": round(prefill, 3),
-                             # issue 6's unit: pages of 1000 output tokens each, prefill included
-                             "pages_per_second_at_1000_tokens": round(batch / (prefill + 0.999 * ms_per_step), 2)})
+                record({"lever": lever, "batch": batch, "new_tokens": new_tokens,
+                        "ms_per_token_step": round(ms_per_step, 2),
+                        "tokens_per_second": round(batch * new_tokens / total, 1),
+                        "decode_tokens_per_second": round(batch * 1000 / ms_per_step, 1),
+                        "prefill_s": round(prefill, 3),
+                        # issue 6's unit: pages of 1000 output tokens each, prefill included
+                        "pages_per_second_at_1000_tokens": round(batch / (prefill + 0.999 * ms_per_step), 2)})
             except Exception as e:  # a lever that does not apply to this model is a result too
-                rows.append({"lever": lever, "batch": batch, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-            print(json.dumps(rows[-1]), flush=True)
+                record({"lever": lever, "batch": batch, "error": f"{type(e).__name__}: {str(e)[:300]}"})
     torch.backends.cuda.enable_cudnn_sdp(True)
-    return rows
 
 
 def main():
@@ -189,12 +184,21 @@ def main():
     out, base, data = speed_setup(args)
     result = {"benchmark": "speed", "env": environment(args.commit),
               "page": "1240x1754 gundam: 1121 image tokens, 1000 target tokens"}
+
+    def recorder(part: str):
+        rows = result.setdefault(part, [])
+
+        def record(row: dict) -> None:  # written after every row: a run cut off by a time limit keeps its rows
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            (out / "speed.json").write_text(json.dumps(result, indent=2) + "\n")
+        return record
+
     if "decode" in args.part:
-        result["decode"] = decode_runs(base, data, args.new_tokens, args.batches, args.decode_levers)
+        decode_runs(base, data, args.new_tokens, args.batches, args.decode_levers, recorder("decode"))
     if "train" in args.part:
         configs = [train_config(spec) for spec in args.train_configs]
-        result["train"] = train_runs(base, data, Path(args.work), args.steps, configs, args.levers)
-    (out / "speed.json").write_text(json.dumps(result, indent=2) + "\n")
+        train_runs(base, data, Path(args.work), args.steps, configs, args.levers, recorder("train"))
 
 
 if __name__ == "__main__":
