@@ -43,6 +43,8 @@ def perturb_lora(model, std: float) -> None:
 
 
 def test_params_presets_match_the_family_modules():
+    """The registry's preset names (what params accept) are each family module's presets, and params accept
+    exactly the registered families."""
     import typing
 
     from ocr_finetune.params import ModelParams
@@ -50,6 +52,7 @@ def test_params_presets_match_the_family_modules():
     assert set(RESOLUTIONS) == set(FAMILIES)
     assert set(typing.get_args(ModelParams.model_fields["family"].annotation)) == set(FAMILIES)
     for name in FAMILIES:
+        assert get_family(name).NAME == name
         assert tuple(get_family(name).RESOLUTIONS) == RESOLUTIONS[name]
 
 

@@ -13,6 +13,8 @@ from typing import Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .models import FAMILIES
+
 DEFAULT_PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
 
 
@@ -105,16 +107,12 @@ class DatasetParams(_Section):
         return v
 
 
-# Image-view presets per family (the family modules' RESOLUTIONS; a test keeps the two in step). Listed here
-# so that checking params does not import transformers.
-RESOLUTIONS = {
-    "deepseek-ocr2": ("nocrop", "gundam"),
-    "deepseek-ocr": ("tiny", "small", "base", "large", "gundam"),
-}
+# Image-view presets per family, from the family registry (which imports no model code).
+RESOLUTIONS = {name: presets for name, (_, presets) in FAMILIES.items()}
 
 
 class ModelParams(_Section):
-    family: Literal["deepseek-ocr2", "deepseek-ocr"] = "deepseek-ocr2"
+    family: Literal[tuple(FAMILIES)] = "deepseek-ocr2"  # the registered families (models/__init__.py)
     # `tiny` builds a small random model offline; otherwise a hub id or a local checkpoint directory.
     base: str = "tiny"
     cache_dir: str = "models/base"
