@@ -81,8 +81,7 @@ def test_pdf2img_train_evaluate_infer_and_mlflow(tmp_path, models_cache, tiny_di
     from ocr_finetune.evaluate import evaluate
     from ocr_finetune.params import load_params
 
-    gundam = load_params(params)
-    gundam = gundam.model_copy(update={"model": gundam.model.model_copy(update={"resolution": "gundam"})})
+    gundam = load_params(params).with_model(resolution="gundam")
     again = evaluate(gundam, tmp_path / "ds" / "eval.jsonl", tmp_path / "adapter", progress=False)
     assert again["model"]["resolution"] == "nocrop"
 

@@ -39,7 +39,7 @@ def export_merged(params: Params, adapter_dir: str | Path, out_dir: str | Path,
     params = adapter_params(params, adapter_dir)
     # Merging needs the base's full-precision weights, also for an adapter trained on a 4-bit base (QLoRA):
     # the export is the base in `dtype` plus the adapter, on the CPU.
-    params = params.model_copy(update={"model": params.model.model_copy(update={"load_in_4bit": False})}, deep=True)
+    params = params.with_model(load_in_4bit=False)
     _, model, processor, _ = load_base(params, "cpu", dtype)
     merged = load_adapter(model, adapter_dir).merge_and_unload()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -239,6 +239,11 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
 
+    def with_model(self, **changes) -> Params:
+        """A copy with these `model.*` settings changed together (a family and its resolution are only valid
+        as a pair, so they are not set one at a time)."""
+        return self.model_copy(update={"model": self.model.model_copy(update=changes)}, deep=True)
+
 
 def _allowed(model: type[BaseModel], loc: tuple) -> str | None:
     """The accepted values (Literal choices) or the known keys at a location, for error messages."""

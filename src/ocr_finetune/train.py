@@ -474,8 +474,7 @@ def adapter_params(params: Params, adapter_dir: str | Path) -> Params:
         return params
     print(f"note: {adapter_dir} was trained on " + ", ".join(f"model.{k}={v}" for k, v in trained.items())
           + "; using those, not params.yaml's", flush=True)
-    # Together, not one key at a time: a family and its resolution presets are only valid as a pair.
-    return params.model_copy(update={"model": params.model.model_copy(update=trained)}, deep=True)
+    return params.with_model(**trained)
 
 
 def read_run_info(adapter_dir: str | Path) -> dict:

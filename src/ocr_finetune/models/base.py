@@ -93,11 +93,11 @@ def checkpoint_source(path: str | Path) -> dict:
         commit = metadata.read_text(encoding="utf-8").split("\n", 1)[0].strip()
         if re.fullmatch(r"[0-9a-f]{40}", commit):
             return {"path": str(path), "revision": commit}
-    resolved = path.absolute()  # not resolved: a cache snapshot's files are links into its blob store
-    if resolved.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", resolved.name) \
-            and resolved.parent.parent.name.startswith("models--"):
-        repo_id = resolved.parent.parent.name[len("models--"):].replace("--", "/", 1)
-        return {"repo_id": repo_id, "revision": resolved.name, "path": str(path)}
+    folder = path.absolute()  # not resolved: a cache snapshot's files are links into its blob store
+    if folder.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", folder.name) \
+            and folder.parent.parent.name.startswith("models--"):
+        repo_id = folder.parent.parent.name[len("models--"):].replace("--", "/", 1)
+        return {"repo_id": repo_id, "revision": folder.name, "path": str(path)}
     return {"path": str(path)}
 
 
