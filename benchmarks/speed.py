@@ -9,7 +9,8 @@ Levers so far: decode `no_cudnn_sdpa` (the profiler showed cuDNN's SDPA planning
 `static_cache` (+ torch.compile of the decode step, as transformers does for a static cache); train, cumulative:
 `logits_on_targets` (the LM head and loss over target positions only), `lora_in_model_dtype` (LoRA branches in
 bf16, weights float32), `fused_sam_attention` (SAM's relative-position bias folded into q and k, so SDPA runs
-flash kernels), `vision_feature_cache` (llm mode: each page's image features computed once).
+flash kernels), compiled layers, the chunked loss, `cudnn_sam_attention` (cuDNN with a shorter v in SAM),
+`vision_feature_cache` (llm mode: each page's image features computed once); memory levers `vision_passes_*`.
 
     python benchmarks/speed.py --out results_dir [--part train decode] [--commit SHA]
 """
@@ -38,21 +39,24 @@ from ocr_finetune.train import to_device, train
 # Cumulative: each lever adds to the ones above it; the last line of a mode is the product's default.
 NO_CACHE = {"cache_vision_features": False}
 # adaptive_experts changes nothing in training (thousands of tokens per step take grouped_mm either way)
-ONE_PASS = {"vision_batch": 0}  # the vision tower over every image of the batch at once
-PLAIN_MODEL = {"fused_sam_attention": False, "adaptive_experts": False, **ONE_PASS}
+# the vision tower over every image of the batch at once; SAM's fused attention on flash kernels
+FLASH = {"vision_batch": 0, "sam_attention_kernel": "flash"}
+PLAIN_MODEL = {"fused_sam_attention": False, "adaptive_experts": False, **FLASH}
 EAGER = {**NO_CACHE, "compile": "none", "loss_chunk": 0}
 TRAIN_LEVERS = {
     "baseline": {"train": {**EAGER, "logits_on_targets": False}, "lora": {"compute": "float32"},
                  "model": PLAIN_MODEL},
     "+logits_on_targets": {"train": EAGER, "lora": {"compute": "float32"}, "model": PLAIN_MODEL},
     "+lora_in_model_dtype": {"train": EAGER, "lora": {}, "model": PLAIN_MODEL},
-    "+fused_sam_attention": {"train": EAGER, "lora": {}, "model": ONE_PASS},
-    "+compiled_vision_layers": {"train": {**EAGER, "compile": "vision"}, "lora": {}, "model": ONE_PASS},
-    "+compiled_all_layers": {"train": {**EAGER, "compile": "all"}, "lora": {}, "model": ONE_PASS},
-    "+chunked_loss": {"train": {**NO_CACHE, "compile": "all"}, "lora": {}, "model": ONE_PASS},
-    "+vision_passes": {"train": {**NO_CACHE, "compile": "all"}, "lora": {}, "model": {}},  # vision_batch 16
-    "+cudnn_sam_attention": {"train": {**NO_CACHE, "compile": "all"}, "lora": {},
-                             "model": {"sam_attention_kernel": "cudnn"}},  # a shorter v in SAM's attention
+    "+fused_sam_attention": {"train": EAGER, "lora": {}, "model": FLASH},
+    "+compiled_vision_layers": {"train": {**EAGER, "compile": "vision"}, "lora": {}, "model": FLASH},
+    "+compiled_all_layers": {"train": {**EAGER, "compile": "all"}, "lora": {}, "model": FLASH},
+    "+chunked_loss": {"train": {**NO_CACHE, "compile": "all"}, "lora": {}, "model": FLASH},
+    # the defaults of modes vision and both: a shorter v in SAM's attention
+    "+cudnn_sam_attention": {"train": {**NO_CACHE, "compile": "all"}, "lora": {}, "model": {}},
+    # memory levers on top of the defaults, not cumulative: the tower over 16 or 48 images at a time
+    "vision_passes_16": {"train": {**NO_CACHE, "compile": "all"}, "lora": {}, "model": {"vision_batch": 16}},
+    "vision_passes_48": {"train": {**NO_CACHE, "compile": "all"}, "lora": {}, "model": {"vision_batch": 48}},
     # llm only: the frozen towers run once per page
     "+vision_feature_cache": {"train": {"compile": "none", "loss_chunk": 0}, "lora": {}, "model": {}},
     "+vision_feature_cache+compiled_all_layers": {"train": {"compile": "all", "loss_chunk": 0}, "lora": {},

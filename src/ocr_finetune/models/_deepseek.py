@@ -239,12 +239,13 @@ def _cudnn_head_sizes(qk: int, v: int) -> tuple[int, int]:
 
 
 def _cudnn_trains(device, dtype) -> bool:
-    """Whether cuDNN attention runs forward and backward here at the head sizes SAM needs (windowed layers
-    64 + 14 + 14 -> 96 with 64; global layers 192 with 128): one small step of each."""
+    """Whether cuDNN attention runs forward and backward here at the shapes SAM needs (windowed layers: 196
+    tokens, heads of 64 + 14 + 14 -> 96 with 64; global layers: 4096 tokens, 192 with 128): one small step of
+    each, two heads, a few milliseconds."""
     try:
-        for qk, v in (_cudnn_head_sizes(96, 64), _cudnn_head_sizes(192, 64)):
-            q, k = (torch.randn(1, 2, 64, qk, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
-            vv = torch.randn(1, 2, 64, v, device=device, dtype=dtype, requires_grad=True)
+        for n, (qk, v) in ((196, _cudnn_head_sizes(96, 64)), (4096, _cudnn_head_sizes(192, 64))):
+            q, k = (torch.randn(1, 2, n, qk, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+            vv = torch.randn(1, 2, n, v, device=device, dtype=dtype, requires_grad=True)
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
                 F.scaled_dot_product_attention(q, k, vv, scale=1.0).sum().backward()
         return True
