@@ -32,7 +32,7 @@ from ocr_finetune.dataset import read_jsonl
 from ocr_finetune.models import get_family
 from ocr_finetune.models.base import load_image
 from ocr_finetune.models.moe import use_adaptive_experts
-from ocr_finetune.params import validate_params
+from ocr_finetune.params import ModelParams, validate_params
 from ocr_finetune.train import to_device, train
 
 
@@ -64,6 +64,8 @@ TRAIN_LEVERS = {
     # the defaults of mode llm: the towers run once per page, so only the language model compiles
     "+vision_feature_cache+compiled_llm_layers+chunked_loss": {"train": {"compile": "llm"}, "lora": {},
                                                                "model": {}},
+    # whatever params.py defaults to, in any mode: the row to set next to `baseline`
+    "defaults": {"train": {}, "lora": {}, "model": {}},
 }
 
 
@@ -145,6 +147,12 @@ def decode_runs(base: Path, data: Path, new_tokens: int, batches: list[int], onl
         "no_cudnn_sdpa+fused_sam_attention+adaptive_experts": (
             {}, lambda: (torch.backends.cuda.enable_cudnn_sdp(False), family.use_fused_sam_attention(model),
                          use_adaptive_experts(model))),
+        # what `infer` does on CUDA (infer.LocalModel, train.load_base): the last row with SAM's attention on
+        # the default kernel (cuDNN for the prefill)
+        "defaults": ({"cache_implementation": "static"},
+                     lambda: (torch.backends.cuda.enable_cudnn_sdp(False),
+                              family.use_fused_sam_attention(model, ModelParams().sam_attention_kernel),
+                              use_adaptive_experts(model))),
     }
     for lever, (kwargs, setup) in levers.items():
         if only and lever not in only:
