@@ -242,15 +242,17 @@ def _cudnn_trains(device, dtype) -> bool:
     """Whether cuDNN attention runs forward and backward here at the shapes SAM needs (windowed layers: 196
     tokens, heads of 64 + 14 + 14 -> 96 with 64; global layers: 4096 tokens, 192 with 128): one small step of
     each, two heads, a few milliseconds."""
-    try:
-        for n, (qk, v) in ((196, _cudnn_head_sizes(96, 64)), (4096, _cudnn_head_sizes(192, 64))):
-            q, k = (torch.randn(1, 2, n, qk, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
-            vv = torch.randn(1, 2, n, v, device=device, dtype=dtype, requires_grad=True)
-            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-                F.scaled_dot_product_attention(q, k, vv, scale=1.0).sum().backward()
-        return True
-    except RuntimeError:
-        return False
+    # grad on even where the model is set up under no_grad or inference_mode: else any GPU would fail the trial
+    with torch.inference_mode(False), torch.enable_grad():
+        try:
+            for n, (qk, v) in ((196, _cudnn_head_sizes(96, 64)), (4096, _cudnn_head_sizes(192, 64))):
+                q, k = (torch.randn(1, 2, n, qk, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+                vv = torch.randn(1, 2, n, v, device=device, dtype=dtype, requires_grad=True)
+                with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                    F.scaled_dot_product_attention(q, k, vv, scale=1.0).sum().backward()
+            return True
+        except RuntimeError:
+            return False
 
 
 def _sam_attention_forward(self, hidden_states: torch.Tensor, output_attentions=False):
