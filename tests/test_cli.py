@@ -122,3 +122,25 @@ def test_set_override_is_validated(tmp_path, models_cache):
     assert r.returncode == 2 and "lora.mode" in r.stderr and "vision, llm, both" in r.stderr
     out = cli("inspect", "--params", params)
     assert "vision: 22 modules, 36,864 trainable" in out and "llm: 14 modules, 30,208 trainable" in out
+
+
+def test_pdf2img_refuses_what_it_cannot_render_and_infer_reads_upper_case_pdfs(tmp_path):
+    """No PDF, page 0, dpi 0: an error naming the problem, not an empty folder or a copy of the last page.
+    `infer --pdf Scan.PDF` with the text-layer teacher reads that file (it looked for `Scan.pdf`)."""
+    def run(*args):
+        return subprocess.run([sys.executable, str(ROOT / "main.py"), *map(str, args)], capture_output=True,
+                              text=True, timeout=300)
+
+    (tmp_path / "empty").mkdir()
+    r = run("pdf2img", "--pdf", tmp_path / "empty", "-o", tmp_path / "out")
+    assert r.returncode == 2 and "no PDF found" in r.stderr, r.stderr
+    for flag, value, message in (("--start-page", 0, "the first page is 1"), ("--dpi", 0, "allowed values")):
+        r = run("pdf2img", "--pdf", SAMPLES / "price_table.pdf", "-o", tmp_path / "out", flag, value)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not list((tmp_path / "out").glob("*.png"))
+    shutil.copy(SAMPLES / "price_table.pdf", tmp_path / "Scan.PDF")
+    config = tmp_path / "teacher.yaml"
+    config.write_text("teacher:\n  kind: pdf_text\n")
+    cli("infer", "--pdf", tmp_path / "Scan.PDF", "--output", tmp_path / "md", "--config", config)
+    text = (tmp_path / "md" / "Scan.md").read_text(encoding="utf-8")
+    assert "<!--" not in text and "|" in text  # the price table, not a 'failed' comment

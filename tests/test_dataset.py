@@ -65,3 +65,14 @@ def test_malformed_lines_are_named(tmp_path, line, message):
     with pytest.raises(DatasetError) as e:
         read_jsonl(path)
     assert f"d.jsonl:3:" in str(e.value) and message in str(e.value)
+
+
+def test_labels_of_a_stopped_labelling_run_are_refused(tmp_path):
+    """labels.jsonl of a run stopped at page 3 of 12: the dataset would silently lose 9 pages."""
+    labels = labels_for(tmp_path)
+    pages = [{"doc": x.doc, "page": x.page, "image": x.image, "width": 1, "height": 1, "has_text": True}
+             for x in labels]
+    (tmp_path / "pages" / "manifest.json").write_text(json.dumps({"dpi": 100, "format": "png", "pages": pages}))
+    build_dataset(labels, tmp_path / "pages", tmp_path / "ds", PROMPT, 0.3, 0)  # complete: fine
+    with pytest.raises(DatasetError, match="cover 3 of 13 rendered pages"):
+        build_dataset(labels[:3], tmp_path / "pages", tmp_path / "ds2", PROMPT, 0.3, 0)

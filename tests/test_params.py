@@ -85,3 +85,13 @@ def test_compile_auto_resolves_by_device_and_setup():
 def test_remote_code_switch_is_refused_with_the_reason():
     with pytest.raises(ParamsError, match=r"unknown key `model.trust_remote_code`: not offered: .*transformers 4.46"):
         validate_params({"model": {"trust_remote_code": True}})
+
+
+def test_output_folders_never_hold_the_users_pdfs():
+    """pdf2img empties data.pages_dir (and dvc repro deletes outputs): pointed at the PDFs' folder, it deleted
+    them."""
+    for data in ({"pdf_dir": "docs", "pages_dir": "docs"}, {"pdf_dir": "data/x/pdfs", "pages_dir": "data/x"},
+                 {"pdf_dir": "in", "labels_dir": "in"}, {"truth_dir": "t", "dataset_dir": "t"}):
+        with pytest.raises(ParamsError, match=r"data\.\w+_dir .* holds data\.\w+_dir"):
+            validate_params({"data": data})
+    validate_params({"data": {"pdf_dir": "data/x", "pages_dir": "data/x/pages"}})

@@ -74,3 +74,71 @@ def test_open_pdf_missing_file(tmp_path):
         assert "not found" in str(e)
     else:
         raise AssertionError("no error for a missing file")
+
+
+def one_page_pdf(path, text, width=595, height=842, rotation=0):
+    doc = pymupdf.open()
+    page = doc.new_page(width=width, height=height)
+    page.insert_text((72, 100), text)
+    page.insert_text((72, 300), f"Second line of {text}.")
+    page.set_rotation(rotation)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc.save(path)
+
+
+def test_subfolders_upper_case_and_clashing_names_each_keep_their_own_pages(tmp_path):
+    """Users' folders: the same file name in two subfolders, `.PDF`, two names that differ only in case. Each
+    PDF gets its own document name and images, and its labels come from its own text layer."""
+    from ocr_finetune.params import Params
+    from ocr_finetune.teachers import get_teacher, label_pages
+
+    src = tmp_path / "pdfs"
+    texts = {"2024/report.pdf": "Revenue twenty four", "2025/report.pdf": "Revenue twenty five",
+             "Scan.PDF": "Upper case extension", "notes.pdf": "Lower case notes", "Notes.PDF": "Capital notes",
+             ".hidden/skip.pdf": "Never listed"}
+    for rel, text in texts.items():
+        one_page_pdf(src / rel, text)
+    m = render_pages(src, tmp_path / "pages", dpi=30, workers=2, progress=False)
+    docs = {p.pdf: p.doc for p in m.pages}
+    assert set(docs) == set(texts) - {".hidden/skip.pdf"}
+    assert docs["2024/report.pdf"] == "2024__report" and docs["Scan.PDF"] == "Scan"
+    assert len({d.casefold() for d in docs.values()}) == len(docs)  # no two images share a name
+    assert len(list((tmp_path / "pages").glob("*.png"))) == len(docs)
+    labels = label_pages(get_teacher(Params()), tmp_path / "pages", src, tmp_path / "labels", progress=False)
+    text_of = {x.doc: x.text for x in labels}
+    for rel, doc in docs.items():
+        assert texts[rel] in text_of[doc], (rel, text_of[doc])
+
+
+def test_one_file_as_the_source_is_labelled_from_that_file(tmp_path):
+    from ocr_finetune.params import Params
+    from ocr_finetune.teachers import get_teacher, label_pages
+
+    one_page_pdf(tmp_path / "in" / "Table.PDF", "Only this file")
+    render_pages(tmp_path / "in" / "Table.PDF", tmp_path / "pages", dpi=30, progress=False)
+    [label] = label_pages(get_teacher(Params()), tmp_path / "pages", tmp_path / "in" / "Table.PDF",
+                          tmp_path / "labels", progress=False)
+    assert label.status == "labeled" and "Only this file" in label.text
+
+
+def test_a_page_too_large_for_the_dpi_is_rendered_smaller_not_lost(tmp_path):
+    """MuPDF refuses a 14400 pt page (the largest a PDF allows) at 200 dpi; the run used to stop there and
+    lose every page. It is rendered at the dpi that fits, the others at the asked one."""
+    one_page_pdf(tmp_path / "pdfs" / "poster.pdf", "Poster", width=14400, height=14400)
+    one_page_pdf(tmp_path / "pdfs" / "letter.pdf", "Letter")
+    m = render_pages(tmp_path / "pdfs", tmp_path / "pages", dpi=200, workers=2, progress=False)
+    pages = {p.doc: p for p in m.pages}
+    assert set(pages) == {"poster", "letter"} and not m.skipped
+    assert pages["letter"].dpi == 200 and pages["poster"].dpi < 200
+    assert max(pages["poster"].width, pages["poster"].height) <= 12_000
+
+
+def test_page_range_and_dpi_are_checked(tmp_path):
+    import pytest
+
+    one_page_pdf(tmp_path / "a.pdf", "Text")
+    for kwargs in ({"start_page": 0}, {"start_page": -2}, {"dpi": 0}, {"dpi": -50}, {"start_page": 3, "end_page": 2}):
+        with pytest.raises(ValueError):
+            render_pages(tmp_path / "a.pdf", tmp_path / "pages", progress=False, **kwargs)
+    m = render_pages(tmp_path / "a.pdf", tmp_path / "pages", start_page=5, progress=False)
+    assert not m.pages and "has 1 pages, none from page 5" in m.skipped[0]["reason"]

@@ -65,3 +65,37 @@ def test_unreadable_pdf_is_recorded_as_failed(tmp_path):
 def test_clean_markdown_removes_extractor_noise_only():
     raw = "# **Title** \n\n- a \n\n- b\n\n|**H1**|**H2**|\n|---|---|\n|x|y|\n\n\n\nText **bold** stays."
     assert clean_markdown(raw) == "# Title\n\n- a\n- b\n\n| H1 | H2 |\n|---|---|\n| x | y |\n\nText **bold** stays.\n"
+
+
+def test_rotated_and_one_line_pages_are_labelled(tmp_path):
+    """pymupdf4llm returned nothing for pages shown rotated (/Rotate 90/180/270), and dropped a page whose
+    only text sits where a running header would; both have a text layer, so both get their text."""
+    import pymupdf
+
+    (tmp_path / "pdfs").mkdir()
+    for rotation in (0, 90, 180, 270):
+        doc = pymupdf.open()
+        page = doc.new_page()
+        page.insert_text((72, 100), f"Heading of the page turned {rotation}")
+        page.insert_text((72, 300), "Body text that a reader sees sideways.")
+        page.set_rotation(rotation)
+        doc.save(tmp_path / "pdfs" / f"turned{rotation}.pdf")
+    doc = pymupdf.open()
+    doc.new_page().insert_text((72, 100), "A single line near the top of the page.")
+    doc.save(tmp_path / "pdfs" / "one_line.pdf")
+    render_pages(tmp_path / "pdfs", tmp_path / "pages", dpi=30, progress=False)
+    out = {x.doc: x for x in label_pages(get_teacher(Params()), tmp_path / "pages", tmp_path / "pdfs",
+                                         tmp_path / "labels", progress=False)}
+    for rotation in (0, 90, 180, 270):
+        x = out[f"turned{rotation}"]
+        assert x.status == "labeled", (rotation, x.reason)
+        assert f"Heading of the page turned {rotation}" in x.text and "Body text that a reader" in x.text
+    assert out["one_line"].status == "labeled" and "A single line near the top" in out["one_line"].text
+
+
+def test_extractor_markup_goes_and_unreadable_glyphs_are_not_labels():
+    from ocr_finetune.teachers.pdf_text import _strip_markup, unmapped_share
+
+    raw = "<!-- Start of picture text -->\nQ1 Q2 Q3<br><!-- End of picture text -->\n\n| a<br>b | c |\n<mark>x</mark>"
+    assert clean_markdown(_strip_markup(raw)) == "Q1 Q2 Q3\n\n| a<br>b | c |\nx\n"  # <br> stays inside a table
+    assert unmapped_share("\ufffd\ufffd\ufffd ab") == 0.6 and unmapped_share("plain text, é 漢字") == 0.0

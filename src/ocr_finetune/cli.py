@@ -37,10 +37,12 @@ def cmd_pdf2img(args):
 
     m = render_pages(args.pdf, args.output, dpi=args.dpi, fmt=args.format, start_page=args.start_page,
                      end_page=args.end_page, workers=args.workers)
-    print(f"rendered {len(m.pages)} pages to {args.output}; skipped {len(m.skipped)} PDFs")
+    print(f"rendered {len(m.pages)} pages to {args.output}; skipped {len(m.skipped)} PDFs or pages")
     for s in m.skipped:
         print(f"  skipped {s['pdf']}: {s['reason']}")
-    return 0 if m.pages or not m.skipped else 1
+    if not m.pages and not m.skipped:
+        raise ParamsError(f"{args.pdf}: no PDF found (files ending in .pdf, subfolders included)")
+    return 0 if m.pages else 1
 
 
 def cmd_infer(args):
@@ -71,13 +73,13 @@ def cmd_infer(args):
         raise ParamsError("infer needs --pdf FILE_OR_DIR or --images DIR, and --output DIR")
     out = Path(args.output)
     if args.pdf:
-        from .pdf import render_pages
+        from .pdf import render_pages, source_pdf
+        from .teachers.base import PageInput
 
         manifest = render_pages(args.pdf, out / "pages", dpi=args.dpi, workers=params.pdf2img.workers)
         for skipped in manifest.skipped:
             print(f"skipped {skipped['pdf']}: {skipped['reason']}")
-        pdf_dir = Path(args.pdf) if Path(args.pdf).is_dir() else Path(args.pdf).parent
-        pages = image_pages([out / "pages" / p.image for p in manifest.pages], pdf_dir)
+        pages = [PageInput(p.doc, p.page, out / "pages" / p.image, source_pdf(args.pdf, p)) for p in manifest.pages]
     else:
         folder = Path(args.images)
         if not folder.is_dir():

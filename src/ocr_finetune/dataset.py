@@ -98,10 +98,27 @@ def read_jsonl(path: str | Path, check_images: bool = True) -> list[Example]:
     return examples
 
 
+def check_labels_complete(labels: list[PageLabel], pages_dir: Path) -> None:
+    """Every rendered page has a label row (of any status): a labelling run that was stopped leaves a short
+    labels.jsonl, and a dataset built from it would silently lose the rest of the pages."""
+    manifest = pages_dir / "manifest.json"
+    if not manifest.is_file():
+        return
+    rendered = [(p["doc"], p["page"]) for p in json.loads(manifest.read_text(encoding="utf-8"))["pages"]]
+    have = {(x.doc, x.page) for x in labels}
+    missing = [key for key in rendered if key not in have]
+    if missing:
+        doc, page = missing[0]
+        raise DatasetError(f"the labels cover {len(rendered) - len(missing)} of {len(rendered)} rendered pages "
+                           f"(the first missing: {doc} page {page}): the labelling run did not finish. Run "
+                           "teacher_label again; the api and local teachers keep finished pages in their cache.")
+
+
 def build_dataset(labels: list[PageLabel], pages_dir: str | Path, out_dir: str | Path, prompt: str,
                   eval_fraction: float, seed: int) -> dict:
     """Write train.jsonl and eval.jsonl from labeled pages; return a summary (counts, documents per split)."""
     pages_dir, out_dir = Path(pages_dir), Path(out_dir)
+    check_labels_complete(labels, pages_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     usable = [x for x in labels if x.status == "labeled" and x.text and x.text.strip()]
     train_docs, eval_docs = split_documents([x.doc for x in usable], eval_fraction, seed)

@@ -33,6 +33,20 @@ class DataParams(_Section):
     labels_dir: str = "data/labels"
     dataset_dir: str = "data/dataset"
 
+    @model_validator(mode="after")
+    def _outputs_apart_from_inputs(self):
+        # the stages empty their output folders (and `dvc repro` deletes them): one that holds the user's PDFs
+        # or ground truth would take them along
+        inputs = {"data.pdf_dir": self.pdf_dir, **({"data.truth_dir": self.truth_dir} if self.truth_dir else {})}
+        for out_key in ("pages_dir", "labels_dir", "dataset_dir"):
+            out = Path(getattr(self, out_key)).resolve()
+            for in_key, folder in inputs.items():
+                src = Path(folder).resolve()
+                if src == out or out in src.parents:
+                    raise ValueError(f"data.{out_key} ({getattr(self, out_key)}) holds {in_key} ({folder}); the "
+                                     f"pipeline empties data.{out_key}, so give it a folder of its own")
+        return self
+
 
 class Pdf2ImgParams(_Section):
     dpi: int = Field(100, ge=36, le=600)

@@ -25,6 +25,8 @@ class PageImage:
     width: int
     height: int
     has_text: bool  # the page has a text layer
+    pdf: str = ""  # the source PDF, relative to the rendered folder (its name when one file was rendered)
+    dpi: int = 0  # the resolution rendered at, below the manifest's for a page too large at that one
 
 
 @dataclass
@@ -32,7 +34,7 @@ class RenderManifest:
     dpi: int
     format: str
     pages: list[PageImage] = field(default_factory=list)
-    skipped: list[dict] = field(default_factory=list)  # {"pdf": name, "reason": message}
+    skipped: list[dict] = field(default_factory=list)  # {"pdf": name, "reason": message} (+ "page")
 
     def save(self, path: Path):
         path.write_text(json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -80,51 +82,107 @@ def open_pdf(path: str | Path) -> "pymupdf.Document":  # noqa: F821
 
 
 def list_pdfs(source: str | Path) -> list[Path]:
+    """The PDFs under `source` (a file, or a folder searched with its subfolders; hidden folders skipped)."""
     source = Path(source)
     if source.is_file():
         return [source]
     if not source.is_dir():
         raise PdfError(f"{source}: no such file or directory")
-    return sorted(p for p in source.iterdir() if p.suffix.lower() == ".pdf")
+    return sorted(p for p in source.rglob("*") if p.suffix.lower() == ".pdf" and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(source).parts[:-1]))
 
 
-def _render_one(task) -> tuple[str, int, int, bool]:
+def document_names(pdfs: list[Path], source: str | Path) -> dict[Path, str]:
+    """A document name per PDF, unique even where file systems ignore case: its path under `source` without
+    the extension, folders joined by `__` (`2024/report.pdf` -> `2024__report`); a name taken already (by
+    `report.pdf` and `Report.PDF`, say) gets `~2`, `~3`. Names become file names of page images, labels and
+    transcriptions, so two PDFs must never share one."""
+    source = Path(source)
+    names, taken = {}, set()
+    for pdf in pdfs:
+        rel = pdf.relative_to(source) if source.is_dir() else Path(pdf.name)
+        base = "__".join(rel.with_suffix("").parts)
+        name, n = base, 1
+        while name.casefold() in taken:
+            n += 1
+            name = f"{base}~{n}"
+        taken.add(name.casefold())
+        names[pdf] = name
+    return names
+
+
+def source_pdf(pdf_dir: str | Path, page: PageImage) -> Path:
+    """The PDF a rendered page came from (manifests written before `pdf` was recorded: `{doc}.pdf`)."""
+    pdf_dir = Path(pdf_dir)
+    if pdf_dir.is_file():
+        return pdf_dir
+    return pdf_dir / (page.pdf or f"{page.doc}.pdf")
+
+
+# MuPDF refuses pixmaps past about 2^31 bytes, and no model reads more than a few thousand pixels a side:
+# a page larger than this at the asked dpi (a poster, a CAD sheet) is rendered at the dpi that fits.
+MAX_PAGE_PIXELS = 12_000
+
+
+def _render_one(task) -> tuple[str, int, int, bool, int, str | None]:
+    """Render one page; errors come back as text (MuPDF's exceptions do not pickle across processes)."""
     pdf_path, index, out_path, dpi, fmt = task
     import pymupdf
 
-    with pymupdf.open(pdf_path) as doc:
-        page = doc[index]
-        has_text = bool(page.get_text("text").strip())
-        pix = page.get_pixmap(dpi=dpi, alpha=False)
-        if fmt == "jpg":
-            pix.save(out_path, output="jpeg", jpg_quality=92)
-        else:
-            pix.save(out_path)
-        return out_path, pix.width, pix.height, has_text
+    try:
+        with pymupdf.open(pdf_path) as doc:
+            page = doc[index]
+            has_text = bool(page.get_text("text").strip())
+            longest = max(page.rect.width, page.rect.height) / 72
+            dpi = max(1, min(dpi, int(MAX_PAGE_PIXELS / longest))) if longest > 0 else dpi
+            pix = page.get_pixmap(dpi=dpi, alpha=False)
+            if fmt == "jpg":
+                pix.save(out_path, output="jpeg", jpg_quality=92)
+            else:
+                pix.save(out_path)
+            return out_path, pix.width, pix.height, has_text, dpi, None
+    except Exception as e:  # one bad page must not cost the other pages of the run
+        return out_path, 0, 0, False, dpi, f"{type(e).__name__}: {e}"
 
 
 def render_pages(source: str | Path, out_dir: str | Path, dpi: int = 200, fmt: str = "png",
                  start_page: int = 1, end_page: int | None = None, workers: int = 1,
                  progress: bool = True) -> RenderManifest:
-    """Render pages [start_page, end_page] of every PDF under `source` to `{doc}_p{N}.{fmt}` in out_dir.
+    """Render pages [start_page, end_page] of every PDF under `source` to `{doc}_p{N}.{fmt}` in out_dir
+    (`document_names` gives `doc`).
 
-    Unreadable PDFs are reported, listed in the manifest's `skipped`, and do not stop the others.
+    Unreadable PDFs and pages are reported, listed in the manifest's `skipped`, and do not stop the others.
     """
+    if not 10 <= dpi <= 1200:
+        raise ValueError(f"dpi {dpi}: allowed values are 10 to 1200")
+    if start_page < 1 or (end_page is not None and end_page < start_page):
+        raise ValueError(f"pages {start_page}-{end_page if end_page is not None else 'end'}: the first page is 1 "
+                         "and the last is not before the first")
+    if fmt not in ("png", "jpg"):
+        raise ValueError(f"format {fmt!r}: allowed values are png, jpg")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = RenderManifest(dpi=dpi, format=fmt)
-    tasks = []
-    for pdf in list_pdfs(source):
+    pdfs = list_pdfs(source)
+    names = document_names(pdfs, source)
+    tasks, docs = [], []
+    for pdf in pdfs:
+        rel = pdf.relative_to(source).as_posix() if Path(source).is_dir() else pdf.name
         try:
             with open_pdf(pdf) as doc:
                 count = doc.page_count
         except PdfError as e:
-            manifest.skipped.append({"pdf": pdf.name, "reason": str(e)})
+            manifest.skipped.append({"pdf": rel, "reason": str(e)})
             tqdm.write(f"skipped {e}")
             continue
         last = count if end_page is None else min(end_page, count)
+        if start_page > last:
+            manifest.skipped.append({"pdf": rel, "reason": f"{pdf.name}: has {count} pages, none from page "
+                                                           f"{start_page}"})
+            tqdm.write(f"skipped {manifest.skipped[-1]['reason']}")
         for n in range(start_page, last + 1):
-            tasks.append((str(pdf), n - 1, str(out_dir / page_image_name(pdf.stem, n, fmt)), dpi, fmt))
+            tasks.append((str(pdf), n - 1, str(out_dir / page_image_name(names[pdf], n, fmt)), dpi, fmt))
+            docs.append((names[pdf], rel))
     bar = tqdm(total=len(tasks), desc="pdf2img", unit="page", disable=not progress)
     results = []
     if workers > 1 and len(tasks) > 1:
@@ -137,8 +195,15 @@ def render_pages(source: str | Path, out_dir: str | Path, dpi: int = 200, fmt: s
             results.append(_render_one(t))
             bar.update()
     bar.close()
-    for (pdf, index, *_), (out_path, w, h, has_text) in zip(tasks, results):
-        manifest.pages.append(PageImage(doc=Path(pdf).stem, page=index + 1, image=Path(out_path).name,
-                                        width=w, height=h, has_text=has_text))
+    for (pdf, index, *_), (doc, rel), (out_path, w, h, has_text, page_dpi, error) in zip(tasks, docs, results):
+        if error is not None:
+            manifest.skipped.append({"pdf": rel, "page": index + 1, "reason": f"{Path(pdf).name} page {index + 1}: "
+                                                                             f"cannot be rendered ({error})"})
+            tqdm.write(f"skipped {manifest.skipped[-1]['reason']}")
+            continue
+        if page_dpi < dpi:
+            tqdm.write(f"note: {Path(pdf).name} page {index + 1} is too large for {dpi} dpi; rendered at {page_dpi}")
+        manifest.pages.append(PageImage(doc=doc, page=index + 1, image=Path(out_path).name, width=w, height=h,
+                                        has_text=has_text, pdf=rel, dpi=page_dpi))
     manifest.save(out_dir / "manifest.json")
     return manifest

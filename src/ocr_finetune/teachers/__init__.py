@@ -34,11 +34,11 @@ def get_teacher(params: Params) -> Teacher:
 def label_pages(teacher: Teacher, pages_dir: str | Path, pdf_dir: str | Path, out_dir: str | Path,
                 progress: bool = True) -> list[PageLabel]:
     """Label every page in the render manifest; write `labels.jsonl` (one row per page, any status)."""
-    from ..pdf import RenderManifest  # here, not at the top: training imports PageLabel without PyMuPDF
+    from ..pdf import RenderManifest, source_pdf  # here, not at the top: training imports PageLabel without PyMuPDF
 
-    pages_dir, pdf_dir, out_dir = Path(pages_dir), Path(pdf_dir), Path(out_dir)
+    pages_dir, out_dir = Path(pages_dir), Path(out_dir)
     manifest = RenderManifest.load(pages_dir / "manifest.json")
-    inputs = [PageInput(p.doc, p.page, pages_dir / p.image, pdf_dir / f"{p.doc}.pdf") for p in manifest.pages]
+    inputs = [PageInput(p.doc, p.page, pages_dir / p.image, source_pdf(pdf_dir, p)) for p in manifest.pages]
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = []
     with (out_dir / "labels.jsonl").open("w", encoding="utf-8") as f:
