@@ -3,7 +3,10 @@
 Each page image (identified by the SHA-256 of the bytes in its data URL) can be given a script: what to do on
 its 1st, 2nd, ... request. Actions: ok | 500 | 429 (Retry-After: 1) | slow (answer after `slow_seconds`) |
 drop (close the connection without a reply) | badjson (200, body not JSON) | nochoices (200, no choices) |
-loop (a looping answer) | length (finish_reason=length). After the script, requests are answered `ok`.
+loop (a looping answer) | length (finish_reason=length) | 401 (a gateway that echoes the key it refused) |
+parts (content as a list of parts) | refusal (content null, refusal set) | think (<think> before the answer) |
+fence (a preamble line, then the answer in a ```markdown fence) | filter (finish_reason=content_filter).
+After the script, requests are answered `ok`. `bodies` keeps every request's JSON body.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class ScriptedOpenAI:
         self.requests: Counter = Counter()  # image id -> requests received
         self.times: dict[str, list[float]] = defaultdict(list)
         self.auth: set[str] = set()
+        self.bodies: list[dict] = []
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -81,6 +85,7 @@ class ScriptedOpenAI:
                     owner.requests[key] += 1
                     owner.times[key].append(time.monotonic())
                     owner.auth.add(self.headers.get("Authorization", ""))
+                    owner.bodies.append({k: v for k, v in body.items() if k != "messages"})
                 script = owner.scripts.get(key, [])
                 action = script[attempt] if attempt < len(script) else "ok"
                 time.sleep(owner.delay)
@@ -92,6 +97,10 @@ class ScriptedOpenAI:
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
+                if action == "401":
+                    error = {"error": {"message": f"Incorrect API key: {self.headers.get('Authorization')}",
+                                       "type": "invalid_request_error", "code": "invalid_api_key"}}
+                    return self.reply(401, json.dumps(error).encode())
                 if action == "badjson":
                     return self.reply(200, b"<html>gateway says hello</html>")
                 if action == "slow":
@@ -102,10 +111,21 @@ class ScriptedOpenAI:
                     text = "The same line again. " * 200
                 if action == "length":
                     finish = "length"
+                message = {"role": "assistant", "content": text}
+                if action == "parts":
+                    message["content"] = [{"type": "thinking", "thinking": [{"type": "text", "text": "hmm"}]},
+                                          {"type": "text", "text": text}]
+                if action == "refusal":
+                    message = {"role": "assistant", "content": None, "refusal": "I can't help with that."}
+                if action == "think":
+                    message["content"] = "<think>Let me look at the page first.</think>\n" + text
+                if action == "fence":
+                    message["content"] = "Here is the Markdown:\n```markdown\n" + text + "```"
+                if action == "filter":
+                    finish = "content_filter"
                 completion = {"id": "cmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
                               "choices": [] if action == "nochoices" else [
-                                  {"index": 0, "message": {"role": "assistant", "content": text},
-                                   "finish_reason": finish}],
+                                  {"index": 0, "message": message, "finish_reason": finish}],
                               "usage": {"prompt_tokens": 100, "completion_tokens": 20,
                                         "total_tokens": 120}}
                 return self.reply(200, json.dumps(completion).encode())

@@ -188,3 +188,78 @@ def test_config_file_errors_name_the_key(tmp_path):
     assert "teacher.api.timeout" in str(e.value) and "unknown key `teacher.api.concurent_requests`" in str(e.value)
     for example in ("teacher_api", "teacher_local"):  # the shipped examples are valid
         load_config(ROOT / "config" / "examples" / f"{example}.example.yaml", Params())
+
+
+def test_answers_of_other_servers_become_labels_or_say_why_not(tmp_path):
+    """Shapes real servers send: content as parts (Mistral), a refusal (OpenAI), <think> in the content
+    (reasoning models without a reasoning parser), a preamble before the fence, a content filter cut."""
+    pages = make_pages(tmp_path / "pages", {"doc": 6})
+    scripts = {1: "parts", 2: "refusal", 3: "think", 4: "fence", 5: "filter", 6: "ok"}
+    by_page = {p.page: image_id(p.image) for p in pages}
+    with ScriptedOpenAI({by_page[n]: [a] for n, a in scripts.items()}) as server:
+        labels = {x.page: x for x in ApiTeacher(config(server), PROMPT, tmp_path / "cache").label(pages)}
+        clean = labels[6].text
+        assert clean.startswith("# Page") and "<|ref|>" not in clean
+        for n in (1, 3, 4):
+            assert labels[n].status == "labeled" and labels[n].text.startswith("# Page"), (n, labels[n])
+            assert "hmm" not in labels[n].text and "think" not in labels[n].text and "```" not in labels[n].text
+        assert labels[2].status == "degenerate" and "refused: I can't help" in labels[2].reason
+        assert server.requests[by_page[2]] == 1  # a refusal is an answer: not asked again
+        assert labels[5].status == "degenerate" and "content filter" in labels[5].reason
+
+
+def test_identical_pages_share_one_request(tmp_path):
+    """Blank pages and repeated covers have the same bytes: 12 of them went out 12 times, and threads writing
+    the same cache entry at once crashed the run."""
+    pages = make_pages(tmp_path / "pages", {"doc": 2})
+    blank = tmp_path / "pages" / "blank.png"
+    Image.new("RGB", (120, 160), "white").save(blank)
+    pages += [PageInput("blanks", n, blank) for n in range(1, 13)]
+    with ScriptedOpenAI(delay=0.05) as server:
+        labels = list(ApiTeacher(config(server, concurrent_requests=8), PROMPT, tmp_path / "cache").label(pages))
+    assert sorted((x.doc, x.page) for x in labels) == sorted((p.doc, p.page) for p in pages)
+    assert all(x.status == "labeled" for x in labels)
+    assert server.requests[image_id(blank)] == 1 and sum(server.requests.values()) == 3
+
+
+def test_a_refused_key_stops_the_run_and_is_never_written(tmp_path, monkeypatch):
+    """401 for every page: the run stops at once with the server's message, without the key (this gateway
+    echoes it), instead of failing 40 pages one by one and exiting 0."""
+    from ocr_finetune.teachers.api import TeacherSetupError
+
+    pages = make_pages(tmp_path / "pages", {"doc": 40})
+    with ScriptedOpenAI({image_id(p.image): ["401"] * 3 for p in pages}) as server:
+        teacher = ApiTeacher(config(server, concurrent_requests=2), PROMPT, tmp_path / "cache")
+        with pytest.raises(TeacherSetupError, match="API key was refused") as error:
+            list(teacher.label(pages))
+        assert KEY not in str(error.value) and "[API key]" in str(error.value)
+        assert sum(server.requests.values()) <= 4  # those in flight, not all 40
+    assert not len(teacher.cache)
+
+
+def test_request_fields_follow_params(tmp_path):
+    """max_completion_tokens for models that refuse max_tokens; no temperature for models that refuse one."""
+    pages = make_pages(tmp_path / "pages", {"doc": 1})
+    with ScriptedOpenAI() as server:
+        cfg = config(server, max_tokens_param="max_completion_tokens", temperature=None, max_tokens=77)
+        [label] = ApiTeacher(cfg, PROMPT, tmp_path / "cache").label(pages)
+    assert label.status == "labeled"
+    assert server.bodies[0]["max_completion_tokens"] == 77
+    assert "max_tokens" not in server.bodies[0] and "temperature" not in server.bodies[0]
+
+
+def test_a_key_in_place_of_its_variable_name_is_refused_whatever_its_prefix():
+    for value in ("gsk_AbC123secretKEY456", "sk-proj-abc", "hf_abcdefgh", "OPENAI_API_KEY "):
+        with pytest.raises(ParamsError, match="never the key itself"):
+            validate_params({"teacher": {"kind": "api", "api": {"api_key_env": value}}})
+    validate_params({"teacher": {"kind": "api", "api": {"api_key_env": "GROQ_API_KEY"}}})
+
+
+def test_set_reaches_nested_keys():
+    from ocr_finetune.cli import apply_overrides
+    from ocr_finetune.params import Params
+
+    p = apply_overrides(Params(), ["teacher.api.base_url=http://10.0.0.5:8000/v1", "teacher.api.temperature=null"])
+    assert p.teacher.api.base_url == "http://10.0.0.5:8000/v1" and p.teacher.api.temperature is None
+    with pytest.raises(ParamsError, match="teacher.api.nope"):
+        apply_overrides(Params(), ["teacher.api.nope=1"])

@@ -27,8 +27,13 @@ def apply_overrides(params, overrides: list[str]):
         if "=" not in override or "." not in override.split("=", 1)[0]:
             raise ParamsError(f"--set {override!r}: expected section.key=value")
         key, value = override.split("=", 1)
-        section, name = key.split(".", 1)
-        raw.setdefault(section, {})[name] = yaml.safe_load(value)
+        *sections, name = key.split(".")  # teacher.api.base_url: as deep as params go
+        node = raw
+        for section in sections:
+            node = node.setdefault(section, {})
+            if not isinstance(node, dict):
+                raise ParamsError(f"--set {override!r}: {section} is a value, not a section")
+        node[name] = yaml.safe_load(value)
     return validate_params(raw, "--set " + " ".join(overrides))
 
 

@@ -74,14 +74,17 @@ class ApiTeacherParams(_Section):
     backoff: float = Field(1.0, gt=0)  # first retry waits ~this many seconds, doubling each time, with jitter
     max_backoff: float = Field(60.0, gt=0)
     max_tokens: int = Field(4096, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    # the request field that carries max_tokens: newer OpenAI models accept only max_completion_tokens
+    max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+    temperature: float | None = Field(0.0, ge=0.0, le=2.0)  # null: not sent (models that refuse the setting)
 
     @field_validator("api_key_env")
     @classmethod
     def _a_name_not_a_key(cls, v):
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v) or v.startswith(("sk-", "hf_")):
-            raise ValueError("give the name of an environment variable that holds the key (e.g. OPENAI_API_KEY), "
-                             "never the key itself")
+        # names in capitals only: keys (sk-..., hf_..., gsk_...) mix cases, and this value is logged
+        if not re.fullmatch(r"[A-Z_][A-Z0-9_]*", v):
+            raise ValueError("give the name of an environment variable that holds the key, in capitals (e.g. "
+                             "OPENAI_API_KEY), never the key itself")
         return v
 
 

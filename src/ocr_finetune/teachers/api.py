@@ -33,6 +33,17 @@ class BadReply(Exception):
     """A 200 reply that is not a usable chat completion."""
 
 
+class TeacherSetupError(ValueError):
+    """The server refuses every request (wrong key, no access, unknown model, no quota): asking for the other
+    pages would only fail the same way, so the run stops with the server's message."""
+
+
+# Statuses no retry and no other page will change; and the quota code OpenAI sends with 429
+FATAL_STATUS = {401: "the API key was refused", 403: "the key has no access to this model or endpoint",
+                404: "no such model or endpoint (check base_url, with its /v1, and model_name)"}
+RETRIED_STATUS = {408, 409}  # request timeout, conflict: the openai client retries these too
+
+
 @dataclass
 class Usage:
     """What a run asked for and got, summarised at the end."""
@@ -81,11 +92,12 @@ class ApiTeacher:
     def __init__(self, config: ApiTeacherParams, prompt: Prompt, cache_dir: str | Path,
                  max_repeat_fraction: float = 0.5):
         key = os.environ.get(config.api_key_env)
-        if key is None:
-            raise ValueError(f"teacher.api.api_key_env: the environment variable {config.api_key_env} is not set "
-                             f"(a local vLLM without --api-key accepts any value, e.g. `export "
-                             f"{config.api_key_env}=EMPTY`)")
+        if not key:
+            raise ValueError(f"teacher.api.api_key_env: the environment variable {config.api_key_env} is "
+                             f"{'empty' if key is not None else 'not set'} (a local vLLM without --api-key accepts "
+                             f"any value, e.g. `export {config.api_key_env}=EMPTY`)")
         self.config, self.prompt, self.max_repeat_fraction = config, prompt, max_repeat_fraction
+        self._key = key
         self.client = openai.OpenAI(base_url=config.base_url, api_key=key, timeout=config.timeout, max_retries=0)
         self.cache = LabelCache(cache_dir)
         self.usage = Usage()
@@ -93,8 +105,9 @@ class ApiTeacher:
     def settings(self) -> dict:
         """Everything besides the image that determines the answer (the cache key)."""
         c = self.config
-        return {"teacher": "api", "model": c.model_name, "base_url": c.base_url, "system": self.prompt.system,
-                "user": self.prompt.user, "max_tokens": c.max_tokens, "temperature": c.temperature}
+        return {"teacher": "api", "model": c.model_name, "base_url": c.base_url.rstrip("/"),
+                "system": self.prompt.system, "user": self.prompt.user, "max_tokens": c.max_tokens,
+                "temperature": c.temperature}
 
     def messages(self, image: Path) -> list[dict]:
         user = [{"type": "image_url", "image_url": {"url": image_data_url(image)}},
@@ -104,22 +117,32 @@ class ApiTeacher:
 
     def request(self, image: Path) -> dict:
         """One attempt; returns {text, finish_reason, usage} or raises."""
+        c = self.config
+        # servers differ: newer OpenAI models take only max_completion_tokens, some refuse a temperature
+        options = {c.max_tokens_param: c.max_tokens}
+        if c.temperature is not None:
+            options["temperature"] = c.temperature
         try:
-            reply = self.client.chat.completions.create(
-                model=self.config.model_name, messages=self.messages(image), max_tokens=self.config.max_tokens,
-                temperature=self.config.temperature)
+            reply = self.client.chat.completions.create(model=c.model_name, messages=self.messages(image), **options)
         except json.JSONDecodeError as e:  # openai 3.x raises this raw for a 200 body that is not JSON
             raise BadReply(f"reply is not JSON ({e})") from None
         if not getattr(reply, "choices", None):
-            raise BadReply("reply has no choices")
+            error = getattr(reply, "error", None)  # some gateways answer 200 with {"error": ...}
+            raise BadReply(f"reply has no choices{f' (error: {str(error)[:200]})' if error else ''}")
         choice = reply.choices[0]
-        text = getattr(choice.message, "content", None) if choice.message else None
-        if text is None:
-            raise BadReply("reply has no message content")
+        message = choice.message
         usage = reply.usage
-        return {"text": text, "finish_reason": choice.finish_reason,
-                "prompt_tokens": getattr(usage, "prompt_tokens", 0) or 0,
-                "completion_tokens": getattr(usage, "completion_tokens", 0) or 0}
+        counts = {"prompt_tokens": getattr(usage, "prompt_tokens", 0) or 0,
+                  "completion_tokens": getattr(usage, "completion_tokens", 0) or 0}
+        text = message_text(getattr(message, "content", None) if message else None)
+        if text is None:
+            refusal = getattr(message, "refusal", None) if message else None
+            if refusal:  # the same page would be refused again: an answer, not an error
+                return {"text": "", "finish_reason": "refusal", "refusal": str(refusal)[:300], **counts}
+            if choice.finish_reason == "length":  # a reasoning model spent max_tokens before answering
+                return {"text": "", "finish_reason": "length", **counts}
+            raise BadReply("reply has no message content")
+        return {"text": text, "finish_reason": choice.finish_reason, **counts}
 
     def ask(self, image: Path) -> dict:
         """request() with retries; raises the last error when they are used up."""
@@ -138,32 +161,76 @@ class ApiTeacher:
                     wait = min(c.max_backoff, c.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
                 time.sleep(min(wait, c.max_backoff))
             except openai.APIStatusError as e:
-                # Other 4xx (bad request, auth, too large): asking again will not help.
                 self.usage.error(type(e).__name__)
-                raise
+                fatal = FATAL_STATUS.get(e.status_code)
+                if fatal or getattr(e, "code", None) == "insufficient_quota":
+                    raise TeacherSetupError(f"teacher.api: {fatal or 'the account has no quota left'} "
+                                            f"({self.redact(str(e))[:300]}); no page can be labelled, so the "
+                                            "run stops here") from None
+                if e.status_code in RETRIED_STATUS and attempt < c.max_retries:
+                    time.sleep(min(c.max_backoff, c.backoff * 2 ** attempt) * random.uniform(0.5, 1.0))
+                    continue
+                raise  # other 4xx (bad request, too large): asking again will not help
         raise AssertionError("unreachable")
 
-    def label_one(self, page: PageInput) -> PageLabel:
-        key = cache_key(page.image, **self.settings())
+    def redact(self, text: str) -> str:
+        """The key out of a message (some gateways echo it in their errors), before it is stored anywhere."""
+        return text.replace(self._key, "[API key]") if len(self._key) >= 8 else text
+
+    def answer(self, key: str, image: Path) -> dict | str:
+        """The cached or new answer for one image, or why there is none (the run goes on)."""
         entry = self.cache.get(key)
-        if entry is not None:
+        if entry is not None and isinstance(entry.get("text"), str):
             self.usage.add(cached=1)
-        else:
-            try:
-                entry = self.ask(page.image)
-            except Exception as e:  # recorded, and the run goes on
-                self.usage.add(failed=1)
-                return PageLabel(page.doc, page.page, page.image.name, "failed",
-                                 reason=f"{type(e).__name__}: {str(e)[:300]}", teacher=self.name)
-            self.cache.put(key, entry)
-            self.usage.add(prompt_tokens=entry["prompt_tokens"], completion_tokens=entry["completion_tokens"])
-        return self.to_label(page, entry)
+            return entry
+        try:
+            entry = self.ask(image)
+        except TeacherSetupError:
+            raise
+        except Exception as e:  # recorded, and the run goes on
+            self.usage.add(failed=1)
+            return self.redact(f"{type(e).__name__}: {str(e)[:300]}")
+        self.cache.put(key, entry)
+        self.usage.add(prompt_tokens=entry["prompt_tokens"], completion_tokens=entry["completion_tokens"])
+        return entry
 
     def to_label(self, page: PageInput, entry: dict) -> PageLabel:
         return answer_label(page, entry, self.name, self.max_repeat_fraction)
 
     def label(self, pages: Iterable[PageInput]) -> Iterator[PageLabel]:
-        with ThreadPoolExecutor(self.config.concurrent_requests) as pool:
-            futures = [pool.submit(self.label_one, p) for p in pages]
+        """Labels in the order answers come. Pages with the same image bytes (blank pages, repeated covers)
+        share one request. A server that refuses every request stops the run (TeacherSetupError), and so
+        does Ctrl-C: pages not yet sent are cancelled, not sent."""
+        by_key: dict[str, list[PageInput]] = {}
+        settings = self.settings()
+        for page in pages:
+            try:
+                by_key.setdefault(cache_key(page.image, **settings), []).append(page)
+            except OSError as e:
+                yield PageLabel(page.doc, page.page, page.image.name, "failed", teacher=self.name,
+                                reason=f"image not readable: {e}")
+        pool = ThreadPoolExecutor(self.config.concurrent_requests)
+        try:
+            futures = {pool.submit(self.answer, key, same[0].image): key for key, same in by_key.items()}
             for future in as_completed(futures):
-                yield future.result()
+                outcome = future.result()
+                for page in by_key[futures[future]]:
+                    if isinstance(outcome, str):
+                        yield PageLabel(page.doc, page.page, page.image.name, "failed", reason=outcome,
+                                        teacher=self.name)
+                    else:
+                        yield self.to_label(page, outcome)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def message_text(content) -> str | None:
+    """A message's text: a string, or (some servers, e.g. Mistral's reasoning models) a list of parts, of
+    which the text parts count."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [part.get("text") if isinstance(part, dict) else getattr(part, "text", None) for part in content]
+        kinds = [part.get("type") if isinstance(part, dict) else getattr(part, "type", None) for part in content]
+        return "".join(t for t, kind in zip(parts, kinds) if isinstance(t, str) and kind in ("text", None))
+    raise BadReply(f"message content of type {type(content).__name__}")

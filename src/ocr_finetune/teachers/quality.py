@@ -13,13 +13,17 @@ from .base import PageInput, PageLabel
 # DeepSeek-OCR grounding output: <|ref|>label<|/ref|><|det|>[[x1, y1, x2, y2]]<|/det|> before each block.
 _GROUNDING = re.compile(r"<\|ref\|>.*?<\|/ref\|>|<\|det\|>.*?<\|/det\|>", re.DOTALL)
 _SPECIAL = re.compile(r"<\|grounding\|>|<｜end▁of▁sentence｜>|<\|end_of_sentence\|>")
-_FENCE = re.compile(r"\A\s*```(?:markdown|md)?\s*\n(.*?)\n```\s*\Z", re.DOTALL)
+# The whole answer in one fence, perhaps after a one-line preamble ("Here is the Markdown:"), perhaps with
+# the closing fence right after the last line
+_FENCE = re.compile(r"\A(?:[^\n`]{0,200}:\s*\n)?\s*```(?:markdown|md)?[ \t]*\n(.*?)\n?```\s*\Z", re.DOTALL)
+# reasoning models (DeepSeek-R1, Qwen3 and others served without a reasoning parser) think in the content
+_THINKING = re.compile(r"\A\s*<think>.*?(?:</think>|\Z)", re.DOTALL)
 
 
 def clean_output(text: str) -> str:
-    text = _SPECIAL.sub("", _GROUNDING.sub("", text))
+    text = _SPECIAL.sub("", _GROUNDING.sub("", _THINKING.sub("", text)))
     fenced = _FENCE.match(text)
-    if fenced:  # chat models often wrap the whole answer in a ```markdown fence
+    if fenced and "```" not in fenced.group(1):  # chat models often wrap the whole answer in a ```markdown fence
         text = fenced.group(1)
     text = re.sub(r"\n{3,}", "\n\n", text)
     return text.strip()
@@ -38,6 +42,10 @@ def degenerate_reason(text: str, finish_reason: str | None, max_repeat_fraction:
     """Why an answer must not be trained on, or None."""
     if finish_reason == "length":
         return "runaway output: stopped at max_tokens"
+    if finish_reason == "content_filter":
+        return "cut by the server's content filter"
+    if finish_reason == "refusal":
+        return "the model refused"
     if not text.strip():
         return "empty answer"
     fraction = repeat_fraction(text)
@@ -50,5 +58,7 @@ def answer_label(page: PageInput, entry: dict, teacher: str, max_repeat_fraction
     """A teacher's raw answer ({text, finish_reason}) as a label: cleaned, and marked degenerate if it loops."""
     text = clean_output(entry["text"])
     reason = degenerate_reason(text, entry.get("finish_reason"), max_repeat_fraction)
+    if reason and entry.get("refusal"):
+        reason += f": {entry['refusal']}"
     status = "degenerate" if reason else "labeled"
     return PageLabel(page.doc, page.page, page.image.name, status, text=text, reason=reason, teacher=teacher)
