@@ -77,7 +77,9 @@ def open_pdf(path: str | Path) -> "pymupdf.Document":  # noqa: F821
     if doc.page_count == 0:
         raise PdfError(f"{path.name}: the PDF has no pages")
     if doc.is_repaired:
-        raise PdfError(f"{path.name}: corrupt or truncated PDF (PyMuPDF had to repair it)")
+        # not accepted as it is: a truncated file is 'repaired' into fewer or empty pages, silently
+        raise PdfError(f"{path.name}: corrupt or truncated PDF (PyMuPDF had to repair it); if it opens in a "
+                       "viewer, rewrite it with `qpdf in.pdf out.pdf` or `mutool clean in.pdf out.pdf` and retry")
     return doc
 
 
