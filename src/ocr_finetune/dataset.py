@@ -101,10 +101,11 @@ def read_jsonl(path: str | Path, check_images: bool = True) -> list[Example]:
 def check_labels_complete(labels: list[PageLabel], pages_dir: Path) -> None:
     """Every rendered page has a label row (of any status): a labelling run that was stopped leaves a short
     labels.jsonl, and a dataset built from it would silently lose the rest of the pages."""
-    manifest = pages_dir / "manifest.json"
-    if not manifest.is_file():
+    from .pdf import RenderManifest
+
+    if not (pages_dir / "manifest.json").is_file():
         return
-    rendered = [(p["doc"], p["page"]) for p in json.loads(manifest.read_text(encoding="utf-8"))["pages"]]
+    rendered = [(p.doc, p.page) for p in RenderManifest.load(pages_dir / "manifest.json").pages]
     have = {(x.doc, x.page) for x in labels}
     missing = [key for key in rendered if key not in have]
     if missing:

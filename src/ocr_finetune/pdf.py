@@ -94,22 +94,20 @@ def list_pdfs(source: str | Path) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(source).parts[:-1]))
 
 
-def document_names(pdfs: list[Path], source: str | Path) -> dict[Path, str]:
-    """A document name per PDF, unique even where file systems ignore case: its path under `source` without
-    the extension, folders joined by `__` (`2024/report.pdf` -> `2024__report`); a name taken already (by
-    `report.pdf` and `Report.PDF`, say) gets `~2`, `~3`. Names become file names of page images, labels and
-    transcriptions, so two PDFs must never share one."""
-    source = Path(source)
+def document_names(paths: list[str]) -> dict[str, str]:
+    """A document name per PDF path (relative to the rendered folder, `/`-separated), unique even where file
+    systems ignore case: the path without the extension, folders joined by `__` (`2024/report.pdf` ->
+    `2024__report`); a name taken already (by `report.pdf` and `Report.PDF`, say) gets `~2`, `~3`. Names
+    become file names of page images, labels and transcriptions, so two PDFs must never share one."""
     names, taken = {}, set()
-    for pdf in pdfs:
-        rel = pdf.relative_to(source) if source.is_dir() else Path(pdf.name)
-        base = "__".join(rel.with_suffix("").parts)
+    for path in paths:
+        base = "__".join(Path(path).with_suffix("").parts)
         name, n = base, 1
         while name.casefold() in taken:
             n += 1
             name = f"{base}~{n}"
         taken.add(name.casefold())
-        names[pdf] = name
+        names[path] = name
     return names
 
 
@@ -165,11 +163,11 @@ def render_pages(source: str | Path, out_dir: str | Path, dpi: int = 200, fmt: s
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = RenderManifest(dpi=dpi, format=fmt)
-    pdfs = list_pdfs(source)
-    names = document_names(pdfs, source)
+    pdfs = {(pdf.relative_to(source).as_posix() if Path(source).is_dir() else pdf.name): pdf
+            for pdf in list_pdfs(source)}
+    names = document_names(list(pdfs))
     tasks, docs = [], []
-    for pdf in pdfs:
-        rel = pdf.relative_to(source).as_posix() if Path(source).is_dir() else pdf.name
+    for rel, pdf in pdfs.items():
         try:
             with open_pdf(pdf) as doc:
                 count = doc.page_count
@@ -183,8 +181,8 @@ def render_pages(source: str | Path, out_dir: str | Path, dpi: int = 200, fmt: s
                                                            f"{start_page}"})
             tqdm.write(f"skipped {manifest.skipped[-1]['reason']}")
         for n in range(start_page, last + 1):
-            tasks.append((str(pdf), n - 1, str(out_dir / page_image_name(names[pdf], n, fmt)), dpi, fmt))
-            docs.append((names[pdf], rel))
+            tasks.append((str(pdf), n - 1, str(out_dir / page_image_name(names[rel], n, fmt)), dpi, fmt))
+            docs.append((names[rel], rel))
     bar = tqdm(total=len(tasks), desc="pdf2img", unit="page", disable=not progress)
     results = []
     if workers > 1 and len(tasks) > 1:
