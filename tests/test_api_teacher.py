@@ -263,3 +263,20 @@ def test_set_reaches_nested_keys():
     assert p.teacher.api.base_url == "http://10.0.0.5:8000/v1" and p.teacher.api.temperature is None
     with pytest.raises(ParamsError, match="teacher.api.nope"):
         apply_overrides(Params(), ["teacher.api.nope=1"])
+
+
+def test_ctrl_c_stops_sending_pages(tmp_path):
+    """Ctrl-C during a run: the pages not yet sent are cancelled. Before, the executor's shutdown waited for
+    every queued page, so the run went on asking (and paying) for all of them."""
+    pages = make_pages(tmp_path / "pages", {"doc": 20})
+    with ScriptedOpenAI(delay=0.5) as server:
+        cfg = api_config_file(tmp_path, server, concurrent_requests=2)
+        proc = subprocess.Popen(infer_cmd(cfg, tmp_path / "pages", tmp_path / "out"), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while sum(server.requests.values()) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        time.sleep(1.0)
+        assert sum(server.requests.values()) <= 6  # those in flight and a few answered meanwhile, not 20
