@@ -5,7 +5,8 @@ its 1st, 2nd, ... request. Actions: ok | 500 | 429 (Retry-After: 1) | slow (answ
 drop (close the connection without a reply) | badjson (200, body not JSON) | nochoices (200, no choices) |
 loop (a looping answer) | length (finish_reason=length) | 401 (a gateway that echoes the key it refused) |
 parts (content as a list of parts) | refusal (content null, refusal set) | think (<think> before the answer) |
-fence (a preamble line, then the answer in a ```markdown fence) | filter (finish_reason=content_filter).
+fence (a preamble line, then the answer in a ```markdown fence) | filter (finish_reason=content_filter) |
+quota (429 insufficient_quota) | 400long (a 400 whose long message ends with the key).
 After the script, requests are answered `ok`. `bodies` keeps every request's JSON body.
 """
 
@@ -101,6 +102,13 @@ class ScriptedOpenAI:
                     error = {"error": {"message": f"Incorrect API key: {self.headers.get('Authorization')}",
                                        "type": "invalid_request_error", "code": "invalid_api_key"}}
                     return self.reply(401, json.dumps(error).encode())
+                if action == "quota":
+                    error = {"error": {"message": "You exceeded your current quota.", "type": "insufficient_quota",
+                                       "code": "insufficient_quota"}}
+                    return self.reply(429, json.dumps(error).encode())
+                if action == "400long":  # a long message that ends by echoing the key
+                    error = {"error": {"message": "x" * 262 + self.headers.get("Authorization", "")}}
+                    return self.reply(400, json.dumps(error).encode())
                 if action == "badjson":
                     return self.reply(200, b"<html>gateway says hello</html>")
                 if action == "slow":

@@ -280,3 +280,27 @@ def test_ctrl_c_stops_sending_pages(tmp_path):
         proc.wait(timeout=60)
         time.sleep(1.0)
         assert sum(server.requests.values()) <= 6  # those in flight and a few answered meanwhile, not 20
+
+
+def test_no_quota_stops_the_run_and_no_part_of_an_echoed_key_is_stored(tmp_path):
+    """429 `insufficient_quota` is a 429 like any other to the client, so it was retried (6 requests a page)
+    instead of stopping the run; and an error cut at 300 characters before redaction kept the key's start."""
+    from ocr_finetune.teachers.api import TeacherSetupError
+
+    pages = make_pages(tmp_path / "pages", {"doc": 4})
+    with ScriptedOpenAI({image_id(p.image): ["quota"] * 10 for p in pages}) as server:
+        with pytest.raises(TeacherSetupError, match="no quota left"):
+            list(ApiTeacher(config(server, concurrent_requests=1), PROMPT, tmp_path / "cache").label(pages))
+        assert sum(server.requests.values()) <= 2  # the one that answered, and one sent meanwhile; not 4 x 4
+    with ScriptedOpenAI({image_id(pages[0].image): ["400long"]}) as server:
+        labels = {x.page: x for x in ApiTeacher(config(server), PROMPT, tmp_path / "cache2").label(pages)}
+    assert labels[1].status == "failed" and "xxxx" in labels[1].reason
+    assert KEY[:8] not in labels[1].reason
+
+
+def test_a_caption_before_a_final_code_block_is_page_text():
+    from ocr_finetune.teachers.quality import clean_output
+
+    page = "Listing 1: hello world in C:\n```\nint main() {}\n```"
+    assert clean_output(page) == page
+    assert clean_output("Here is the page:\n```markdown\n# Title\n\nText.\n```") == "# Title\n\nText."

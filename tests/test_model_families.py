@@ -553,3 +553,12 @@ def test_vision_tower_in_passes_joins_every_output(checkpoints, family_name):
     assert len(passes.hidden_states) == len(whole.hidden_states) > 1
     for a, b in zip((whole.last_hidden_state, *whole.hidden_states), (passes.last_hidden_state, *passes.hidden_states)):
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+
+
+def test_cudnn_sam_attention_only_at_the_head_sizes_it_was_tried_at():
+    """v1's `large` view (1280px: 64 + 80 + 80 = 224) would need cuDNN's 256/256, which the setup trial does
+    not cover and which pads more than flash: those layers stay on flash."""
+    from ocr_finetune.models._deepseek import _cudnn_head_sizes
+
+    assert _cudnn_head_sizes(96, 64) == (96, 64) and _cudnn_head_sizes(192, 64) == (192, 128)
+    assert _cudnn_head_sizes(144, 64) == (192, 128) and _cudnn_head_sizes(224, 64) is None

@@ -142,3 +142,14 @@ def test_page_range_and_dpi_are_checked(tmp_path):
             render_pages(tmp_path / "a.pdf", tmp_path / "pages", progress=False, **kwargs)
     m = render_pages(tmp_path / "a.pdf", tmp_path / "pages", start_page=5, progress=False)
     assert not m.pages and "has 1 pages, none from page 5" in m.skipped[0]["reason"]
+
+
+def test_linked_folders_are_read_and_a_loop_ends(tmp_path):
+    one_page_pdf(tmp_path / "archive" / "old.pdf", "Archived")
+    one_page_pdf(tmp_path / "pdfs" / "new.pdf", "New")
+    (tmp_path / "pdfs" / "archive").symlink_to(tmp_path / "archive", target_is_directory=True)
+    (tmp_path / "archive" / "loop").symlink_to(tmp_path / "pdfs", target_is_directory=True)
+    from ocr_finetune.pdf import list_pdfs
+
+    found = [p.relative_to(tmp_path / "pdfs").as_posix() for p in list_pdfs(tmp_path / "pdfs")]
+    assert found == ["archive/old.pdf", "new.pdf"]

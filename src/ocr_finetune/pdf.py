@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -90,8 +91,18 @@ def list_pdfs(source: str | Path) -> list[Path]:
         return [source]
     if not source.is_dir():
         raise PdfError(f"{source}: no such file or directory")
-    return sorted(p for p in source.rglob("*") if p.suffix.lower() == ".pdf" and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(source).parts[:-1]))
+    found, seen = [], set()
+    # os.walk, not Path.rglob: rglob does not enter linked folders (before Python 3.13), and users link
+    # archives into their PDF folder rather than copy them; `seen` stops a link that loops
+    for root, dirs, files in os.walk(source, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(root) / f for f in files if f.lower().endswith(".pdf")]
+    return sorted(found)
 
 
 def document_names(paths: list[str]) -> dict[str, str]:

@@ -228,14 +228,15 @@ def use_fused_sam_attention(model, kernel: str = "flash") -> int:
 SAM_KERNELS = ("flash", "cudnn")
 
 
-def _cudnn_head_sizes(qk: int, v: int) -> tuple[int, int]:
+def _cudnn_head_sizes(qk: int, v: int) -> tuple[int, int] | None:
     """The q/k and v head sizes to pad to for cuDNN attention, forward and backward, as PyTorch's checks allow
-    them on Hopper: both up to 128, or 192 with 128 (DeepSeek-V3's attention shape), or 256 with 256."""
+    them on Hopper: both up to 128, or 192 with 128 (DeepSeek-V3's attention shape). None past those: 256 with
+    256 is allowed too but pads more than flash does (v1's `large` view: 224) and is not in the trial."""
     if qk <= 128 and v <= 128:
         return qk, v
     if qk <= 192 and v <= 128:
         return 192, 128
-    return 256, 256
+    return None
 
 
 def _cudnn_trains(device, dtype) -> bool:
@@ -271,9 +272,10 @@ def _sam_attention_forward(self, hidden_states: torch.Tensor, output_attentions=
     query = torch.cat([query * self.scale, rel_h, rel_w], dim=-1)
     key = torch.cat([key, eye_h.expand(batch, heads, n, height), eye_w.expand(batch, heads, n, width)], dim=-1)
     dim = -(-query.shape[-1] // 8) * 8  # fused kernels take head sizes in multiples of 8
-    cudnn = getattr(self, "fused_kernel", "flash") == "cudnn"
     # flash kernels take one head size for q, k and v; cuDNN a shorter v (96/64 windowed, 192/128 global)
-    qk, v = _cudnn_head_sizes(dim, head_dim) if cudnn else (dim, dim)
+    sizes = _cudnn_head_sizes(dim, head_dim) if getattr(self, "fused_kernel", "flash") == "cudnn" else None
+    cudnn = sizes is not None
+    qk, v = sizes or (dim, dim)
     query, key = F.pad(query, (0, qk - query.shape[-1])), F.pad(key, (0, qk - key.shape[-1]))
     value = F.pad(value, (0, v - head_dim))
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]) if cudnn and query.is_cuda else contextlib.nullcontext():

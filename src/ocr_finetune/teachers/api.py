@@ -128,7 +128,7 @@ class ApiTeacher:
             raise BadReply(f"reply is not JSON ({e})") from None
         if not getattr(reply, "choices", None):
             error = getattr(reply, "error", None)  # some gateways answer 200 with {"error": ...}
-            raise BadReply(f"reply has no choices{f' (error: {str(error)[:200]})' if error else ''}")
+            raise BadReply(f"reply has no choices{f' (error: {error})' if error else ''}")  # cut after redaction
         choice = reply.choices[0]
         message = choice.message
         usage = reply.usage
@@ -151,26 +151,22 @@ class ApiTeacher:
             self.usage.add(requests=1, retries=1 if attempt else 0)
             try:
                 return self.request(image)
-            except (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
-                    openai.APIConnectionError, BadReply) as e:
+            except (openai.APIStatusError, openai.APIConnectionError, BadReply) as e:  # timeouts are connection errors
                 self.usage.error(type(e).__name__)
-                if attempt == c.max_retries:
+                status = getattr(e, "status_code", None)
+                fatal = FATAL_STATUS.get(status)
+                if fatal or getattr(e, "code", None) == "insufficient_quota":  # checked before 429's retries
+                    raise TeacherSetupError(f"teacher.api: {fatal or 'the account has no quota left'} "
+                                            f"({self.redact(str(e))[:300]}); no page can be labelled, so the "
+                                            "run stops here") from None
+                # other 4xx (bad request, too large): asking again will not help
+                retried = status is None or status == 429 or status >= 500 or status in RETRIED_STATUS
+                if not retried or attempt == c.max_retries:
                     raise
                 wait = retry_after(e)
                 if wait is None:
                     wait = min(c.max_backoff, c.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
                 time.sleep(min(wait, c.max_backoff))
-            except openai.APIStatusError as e:
-                self.usage.error(type(e).__name__)
-                fatal = FATAL_STATUS.get(e.status_code)
-                if fatal or getattr(e, "code", None) == "insufficient_quota":
-                    raise TeacherSetupError(f"teacher.api: {fatal or 'the account has no quota left'} "
-                                            f"({self.redact(str(e))[:300]}); no page can be labelled, so the "
-                                            "run stops here") from None
-                if e.status_code in RETRIED_STATUS and attempt < c.max_retries:
-                    time.sleep(min(c.max_backoff, c.backoff * 2 ** attempt) * random.uniform(0.5, 1.0))
-                    continue
-                raise  # other 4xx (bad request, too large): asking again will not help
         raise AssertionError("unreachable")
 
     def redact(self, text: str) -> str:
@@ -189,7 +185,7 @@ class ApiTeacher:
             raise
         except Exception as e:  # recorded, and the run goes on
             self.usage.add(failed=1)
-            return self.redact(f"{type(e).__name__}: {str(e)[:300]}")
+            return self.redact(f"{type(e).__name__}: {e}")[:300]  # redacted before cut: no part of a key kept
         self.cache.put(key, entry)
         self.usage.add(prompt_tokens=entry["prompt_tokens"], completion_tokens=entry["completion_tokens"])
         return entry

@@ -13,9 +13,11 @@ from .base import PageInput, PageLabel
 # DeepSeek-OCR grounding output: <|ref|>label<|/ref|><|det|>[[x1, y1, x2, y2]]<|/det|> before each block.
 _GROUNDING = re.compile(r"<\|ref\|>.*?<\|/ref\|>|<\|det\|>.*?<\|/det\|>", re.DOTALL)
 _SPECIAL = re.compile(r"<\|grounding\|>|<｜end▁of▁sentence｜>|<\|end_of_sentence\|>")
-# The whole answer in one fence, perhaps after a one-line preamble ("Here is the Markdown:"), perhaps with
-# the closing fence right after the last line
-_FENCE = re.compile(r"\A(?:[^\n`]{0,200}:\s*\n)?\s*```(?:markdown|md)?[ \t]*\n(.*?)\n?```\s*\Z", re.DOTALL)
+# The whole answer in one fence, perhaps with the closing fence right after the last line, perhaps after a
+# one-line preamble ("Here is the Markdown:") but then only before a ```markdown fence: a page may itself end
+# with a caption line and an untagged code block ("Listing 1: hello world in C:")
+_FENCE = re.compile(r"\A(?:\s*```(?:markdown|md)?|[^\n`]{0,200}:\s*\n\s*```(?:markdown|md))[ \t]*\n(.*?)\n?```\s*\Z",
+                    re.DOTALL)
 # reasoning models (DeepSeek-R1, Qwen3 and others served without a reasoning parser) think in the content
 _THINKING = re.compile(r"\A\s*<think>.*?(?:</think>|\Z)", re.DOTALL)
 
