@@ -87,14 +87,14 @@ def group_pages(paths: Iterable[Path]) -> dict[str, list[Path]]:
     return {doc: [p for _, p in sorted(items)] for doc, items in sorted(groups.items())}
 
 
-def image_pages(paths: Iterable[Path], pdf_dir: Path | None = None) -> list[PageInput]:
-    """PageInputs for page images, with the source PDF where there is one (`{pdf_dir}/{doc}.pdf`)."""
+def image_pages(paths: Iterable[Path]) -> list[PageInput]:
+    """PageInputs for page images without their PDFs (`infer --images`; pages rendered from PDFs here come
+    with theirs from the render manifest, pdf.source_pdf)."""
     pages = []
     for doc, files in group_pages(paths).items():
-        pdf = pdf_dir / f"{doc}.pdf" if pdf_dir is not None and (pdf_dir / f"{doc}.pdf").is_file() else None
         for p in files:
             parsed = parse_page_image_name(p.name)
-            pages.append(PageInput(doc, parsed[1] if parsed else 1, p, pdf))
+            pages.append(PageInput(doc, parsed[1] if parsed else 1, p))
     return pages
 
 
