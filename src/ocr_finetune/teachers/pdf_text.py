@@ -57,16 +57,17 @@ class PdfTextTeacher:
                     if not md.strip():
                         yield PageLabel(p.doc, p.page, p.image.name, "unlabeled",
                                         reason="text layer gave no Markdown", teacher=self.name)
-                    elif unmapped_share(md) > MAX_UNMAPPED:
+                    elif (share := unmapped_share(md)) > MAX_UNMAPPED:
                         yield PageLabel(p.doc, p.page, p.image.name, "unlabeled", teacher=self.name,
-                                        reason=f"text layer without Unicode for its glyphs ({unmapped_share(md):.0%} "
-                                               "of its characters are U+FFFD or control codes); it needs OCR")
+                                        reason=f"text layer without Unicode for its glyphs ({share:.0%} of its "
+                                               "characters are U+FFFD or control codes); it needs OCR")
                     else:
                         yield PageLabel(p.doc, p.page, p.image.name, "labeled", text=md, teacher=self.name)
 
 
 # pymupdf4llm's own markup around text it found in pictures and under filled boxes; the text stays
 _EXTRACTOR_MARKUP = re.compile(r"<!-- (?:Start|End) of picture text -->|</?mark>")
+_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 # a label with more unmapped characters than this teaches the model to write them
 MAX_UNMAPPED = 0.01
 
@@ -75,9 +76,6 @@ def _strip_markup(md: str) -> str:
     # <br> is a line break; inside a table row it is the only way to write one, so it stays there
     lines = [line if line.lstrip().startswith("|") else _BREAK.sub("\n", line) for line in md.split("\n")]
     return _EXTRACTOR_MARKUP.sub("", "\n".join(lines))
-
-
-_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 
 
 def _unrotated_copy(doc: pymupdf.Document, index: int) -> pymupdf.Document:
@@ -105,4 +103,3 @@ def unmapped_share(text: str) -> float:
     chars = [c for c in text if not c.isspace()]
     bad = sum(1 for c in chars if c == "\ufffd" or (ord(c) < 32 and c not in "\t\n\r"))
     return bad / len(chars) if chars else 0.0
-
