@@ -11,6 +11,8 @@ Levers so far: decode `no_cudnn_sdpa` (the profiler showed cuDNN's SDPA planning
 bf16, weights float32), `fused_sam_attention` (SAM's relative-position bias folded into q and k, so SDPA runs
 flash kernels), compiled layers, the chunked loss, `cudnn_sam_attention` (cuDNN with a shorter v in SAM),
 `vision_feature_cache` (llm mode: each page's image features computed once); memory levers `vision_passes_*`.
+Decode `adaptive_experts` (models.moe), `defaults` (what `infer` does on CUDA) and
+`defaults+dense_from_batch_1` (the experts' switch point moved: every expert on every token from batch 1).
 
     python benchmarks/speed.py --out results_dir [--part train decode] [--commit SHA]
 """
@@ -31,6 +33,7 @@ from common import environment, speed_setup, train_config
 from ocr_finetune.dataset import read_jsonl
 from ocr_finetune.models import get_family
 from ocr_finetune.models.base import load_image
+from ocr_finetune.models import moe
 from ocr_finetune.models.moe import use_adaptive_experts
 from ocr_finetune.params import ModelParams, validate_params
 from ocr_finetune.train import to_device, train
@@ -117,6 +120,9 @@ def timed_generate(model, inputs, new_tokens: int, **kwargs) -> float:
     return time.perf_counter() - t0
 
 
+DEFAULT_BATCHED_MM_ROUTES = moe.BATCHED_MM_MAX_ROUTES_PER_EXPERT
+
+
 def decode_runs(base: Path, data: Path, new_tokens: int, batches: list[int], only: list[str] | None,
                 record) -> None:
     family = get_family("deepseek-ocr2")
@@ -125,6 +131,13 @@ def decode_runs(base: Path, data: Path, new_tokens: int, batches: list[int], onl
     model = family.load_model(base, torch.bfloat16, "cuda").eval()
     tok = processor.tokenizer
     common = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
+
+    def defaults(batched_mm_max_routes_per_expert: float):
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        family.use_fused_sam_attention(model, ModelParams().sam_attention_kernel)
+        use_adaptive_experts(model)
+        moe.BATCHED_MM_MAX_ROUTES_PER_EXPERT = batched_mm_max_routes_per_expert
+
     levers = {
         "baseline": ({}, lambda: None),
         "no_cudnn_sdpa": ({}, lambda: torch.backends.cuda.enable_cudnn_sdp(False)),
@@ -149,10 +162,9 @@ def decode_runs(base: Path, data: Path, new_tokens: int, batches: list[int], onl
                          use_adaptive_experts(model))),
         # what `infer` does on CUDA (infer.LocalModel, train.load_base): the last row with SAM's attention on
         # the default kernel (cuDNN for the prefill)
-        "defaults": ({"cache_implementation": "static"},
-                     lambda: (torch.backends.cuda.enable_cudnn_sdp(False),
-                              family.use_fused_sam_attention(model, ModelParams().sam_attention_kernel),
-                              use_adaptive_experts(model))),
+        "defaults": ({"cache_implementation": "static"}, lambda: defaults(DEFAULT_BATCHED_MM_ROUTES)),
+        # the defaults with another switch point between copying the routed experts and running all of them
+        "defaults+dense_from_batch_1": ({"cache_implementation": "static"}, lambda: defaults(0.0)),
     }
     for lever, (kwargs, setup) in levers.items():
         if only and lever not in only:

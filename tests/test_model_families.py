@@ -307,11 +307,14 @@ def test_fused_sam_attention_matches_the_original_layer(checkpoints, family_name
     assert torch.allclose(results[0][1], results[1][1], rtol=1e-3, atol=1e-6)
 
 
-def test_adaptive_experts_match_the_eager_experts_at_every_size(tiny_dir):
-    """models.moe: each plan (routed-weight copies for one token, every expert on every token for decode
+def test_adaptive_experts_match_the_eager_experts_at_every_size(tiny_dir, monkeypatch):
+    """models.moe: each plan (routed-weight copies for a few tokens, every expert on every token for decode
     batches, grouped_mm for long inputs) gives the experts' eager output, and the dense plan's gradients."""
     from ocr_finetune.models import moe
 
+    # the tiny model has 4 experts, top 2: at the default switch point one token would already be dense
+    monkeypatch.setattr(moe, "BATCHED_MM_MAX_ROUTES_PER_EXPERT", 1.0)
+    plans = set()
     model = get_family("deepseek-ocr2").load_model(tiny_dir, torch.float32, "cpu")
     experts = next(m for m in model.modules() if type(m).__name__.endswith("TextExperts"))
     eager = type(experts).forward.__wrapped__
@@ -326,10 +329,21 @@ def test_adaptive_experts_match_the_eager_experts_at_every_size(tiny_dir):
         expected = eager(experts, hidden, index, weights)
         got = moe.adaptive_experts_forward(experts, hidden, index, weights)
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), tokens
+        plans.add(moe.experts_plan(tokens, top_k, experts.num_experts))
         if 1 < tokens <= moe.DENSE_MAX_TOKENS:
             g_expected = torch.autograd.grad(expected.square().sum(), [hidden, experts.gate_up_proj])
             g_got = torch.autograd.grad(got.square().sum(), [hidden, experts.gate_up_proj])
             assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(g_got, g_expected))
+    assert plans == {"batched_mm", "dense", "grouped_mm"}
+
+
+def test_experts_plan_copies_routed_experts_only_below_half_a_route_per_expert():
+    """DeepSeek-OCR-2's 64 experts, top 6: batched_mm up to batch 5 (30 copies), dense from 6 to 256 tokens
+    (measured switch point, models/moe.py), grouped_mm beyond."""
+    from ocr_finetune.models.moe import DENSE_MAX_TOKENS, experts_plan
+
+    assert [experts_plan(t, 6, 64) for t in (1, 5, 6, 8, DENSE_MAX_TOKENS, DENSE_MAX_TOKENS + 1)] == [
+        "batched_mm", "batched_mm", "dense", "dense", "dense", "grouped_mm"]
 
 
 @pytest.mark.parametrize("family_name", ["deepseek-ocr2", "deepseek-ocr"])

@@ -22,6 +22,11 @@ NAME = "ocr_finetune_adaptive"
 # Above this many tokens the dense plan's wasted work (num_experts / top_k times the useful FLOPs) outweighs
 # reading the weights once; prefill and training have thousands of tokens and take grouped_mm.
 DENSE_MAX_TOKENS = 256
+# batched_mm copies the weights of each routed (token, expert) pair; the dense plan reads every expert once.
+# Copies win below half a route per expert: measured on an H100 for DeepSeek-OCR-2 (64 experts, top 6),
+# batched_mm 3.4 ms/step at batch 1 against dense 4.7, even at batch 4, dense 5.4 against 7.3 at batch 8
+# (benchmarks/results/speed_h100_modes_and_decode_defaults.json).
+BATCHED_MM_MAX_ROUTES_PER_EXPERT = 0.5
 
 
 def dense_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -37,13 +42,23 @@ def dense_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.
     return (routed.float() * top_k_weights.float()[..., None]).sum(1).to(hidden_states.dtype)
 
 
+def experts_plan(tokens: int, top_k: int, num_experts: int) -> str:
+    """Which kernel `adaptive_experts_forward` runs for this many tokens: batched_mm, dense or grouped_mm."""
+    if tokens > DENSE_MAX_TOKENS:
+        return "grouped_mm"
+    if tokens * top_k < BATCHED_MM_MAX_ROUTES_PER_EXPERT * num_experts:
+        return "batched_mm"
+    return "dense"
+
+
 def adaptive_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                              top_k_weights: torch.Tensor) -> torch.Tensor:
     tokens, top_k = top_k_index.shape
     simple = self.has_gate and not (self.has_bias or self.has_post_expert_norm or self._is_expert_parallel)
-    if not simple or tokens > DENSE_MAX_TOKENS:
+    plan = experts_plan(tokens, top_k, self.num_experts) if simple else "grouped_mm"
+    if plan == "grouped_mm":
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    if tokens * top_k < self.num_experts:  # batch 1: copying the few routed experts' weights is cheapest
+    if plan == "batched_mm":
         return batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     return dense_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 
