@@ -55,6 +55,10 @@ def test_build_writes_seed_format_with_relative_images(tmp_path):
      ' {"role": "<|Assistant|>", "content": "  "}]}', "empty"),
     ('{"messages": [{"role": "<|User|>", "content": "<image>", "images": ["missing.png"]},'
      ' {"role": "<|Assistant|>", "content": "t"}]}', "image not found"),
+    ('{"messages": [{"role": "<|User|>", "content": "<image>", "images": ["x.png"]},'
+     ' {"role": "<|Assistant|>", "content": "t"}], "meta": {"page": "two"}}', "meta.page"),
+    ('{"messages": [{"role": "<|User|>", "content": "<image>", "images": ["x.png"]},'
+     ' {"role": "<|Assistant|>", "content": "t"}], "meta": "x"}', '"meta" must be an object'),
 ])
 def test_malformed_lines_are_named(tmp_path, line, message):
     (tmp_path / "x.png").write_bytes(b"png")
@@ -76,3 +80,21 @@ def test_labels_of_a_stopped_labelling_run_are_refused(tmp_path):
     build_dataset(labels, tmp_path / "pages", tmp_path / "ds", PROMPT, 0.3, 0)  # complete: fine
     with pytest.raises(DatasetError, match="cover 3 of 13 rendered pages"):
         build_dataset(labels[:3], tmp_path / "pages", tmp_path / "ds2", PROMPT, 0.3, 0)
+
+
+def test_labels_with_unicode_line_separators_survive_the_round_trip(tmp_path):
+    """U+2028, U+2029 and U+0085 are text inside a JSON string (a PDF's text layer has them); the files are
+    written without escaping them, so reading must split records at newlines only."""
+    from dataclasses import asdict
+
+    from ocr_finetune.teachers import read_labels
+
+    text = "line one\u2028line two\u2029end\u0085."
+    labels = labels_for(tmp_path, docs=("a", "b"), pages=1)
+    labels[0].text = text
+    (tmp_path / "labels.jsonl").write_text(  # as label_pages writes it
+        "".join(json.dumps(asdict(x), ensure_ascii=False) + "\n" for x in labels), encoding="utf-8")
+    assert read_labels(tmp_path / "labels.jsonl")[0].text == text
+    build_dataset(labels, tmp_path / "pages", tmp_path / "ds", PROMPT, 0.5, 0)
+    targets = [e.target for f in ("train", "eval") for e in read_jsonl(tmp_path / "ds" / f"{f}.jsonl")]
+    assert text in targets

@@ -71,6 +71,12 @@ def validate_record(rec, where: str) -> None:
         bad('the user message needs "images": [one path]')
     if not isinstance(assistant.get("content"), str) or not assistant["content"].strip():
         bad("the assistant message (the label) is empty")
+    meta = rec.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        bad('"meta" must be an object like {"doc": "report", "page": 3}')
+    page = (meta or {}).get("page")
+    if page is not None and (isinstance(page, bool) or not isinstance(page, int) or page < 0):
+        bad(f'"meta.page" must be a page number (an integer >= 0), got {page!r}')
 
 
 def read_jsonl(path: str | Path, check_images: bool = True) -> list[Example]:
@@ -79,7 +85,8 @@ def read_jsonl(path: str | Path, check_images: bool = True) -> list[Example]:
     if not path.is_file():
         raise DatasetError(f"{path}: dataset file not found")
     examples = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # split at "\n" only: str.splitlines() also cuts at U+2028, U+0085 and others, which JSON strings may hold
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}:{n}"
@@ -94,7 +101,7 @@ def read_jsonl(path: str | Path, check_images: bool = True) -> list[Example]:
             raise DatasetError(f"{where}: image not found: {image}")
         meta = rec.get("meta") or {}
         examples.append(Example(image=image, prompt=user["content"], target=assistant["content"],
-                                doc=str(meta.get("doc", image.stem)), page=int(meta.get("page", 0))))
+                                doc=str(meta.get("doc", image.stem)), page=meta.get("page") or 0))
     return examples
 
 

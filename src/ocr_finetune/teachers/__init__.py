@@ -54,7 +54,7 @@ def label_pages(teacher: Teacher, pages_dir: str | Path, pdf_dir: str | Path, ou
 def read_labels(path: str | Path) -> list[PageLabel]:
     path = Path(path)
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):  # not splitlines: U+2028
         if not line.strip():
             continue
         try:
@@ -77,7 +77,7 @@ def teacher_quality(labels: list[PageLabel], truth_dir: str | Path | None) -> di
         truth = Path(truth_dir) / f"{x.doc}_p{x.page}.md"
         if x.status != "labeled" or not truth.exists():
             continue
-        value = cer(truth.read_text(encoding="utf-8"), x.text)
+        value = cer(truth.read_text(encoding="utf-8-sig"), x.text)  # -sig: Notepad's BOM is no text
         values.append(value)
         report["per_page"].append({"doc_page": f"{x.doc} p{x.page}", "doc": x.doc, "page": x.page,
                                    "cer": round(value, 4)})

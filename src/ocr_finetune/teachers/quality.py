@@ -32,8 +32,12 @@ def clean_output(text: str) -> str:
 
 
 def repeat_fraction(text: str, n: int = 8) -> float:
-    """Share of word n-grams that repeat an earlier one: ~0 for prose and tables, near 1 for a loop."""
+    """Share of word n-grams that repeat an earlier one: ~0 for prose and tables, near 1 for a loop. Text
+    with hardly any spaces (Chinese, Japanese, Thai) has too few words: its n-grams are of characters
+    (n + 2 of them, about as long as n words)."""
     words = text.split()
+    if len(text) > 10 * len(words):
+        words, n = [c for c in text if not c.isspace()], n + 2
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     if len(grams) < 20:
         return 0.0
@@ -52,7 +56,7 @@ def degenerate_reason(text: str, finish_reason: str | None, max_repeat_fraction:
         return "empty answer"
     fraction = repeat_fraction(text)
     if fraction >= max_repeat_fraction:
-        return f"looping output: {fraction:.0%} of word 8-grams repeat"
+        return f"looping output: {fraction:.0%} of its 8-grams repeat"
     return None
 
 
