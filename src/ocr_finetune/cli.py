@@ -54,6 +54,7 @@ def cmd_infer(args):
     """Pages in, one file per document out, with the local model (default) or the teacher a --config names."""
     from .infer import image_pages, infer_documents
     from .params import load_config
+    from .teachers.base import PageLabel
     from .teachers import get_teacher
     from .teachers.prompts import load_prompts
 
@@ -75,25 +76,34 @@ def cmd_infer(args):
             print(f"{task}: {prompt.user!r}" + (f" (system: {prompt.system[:60]!r}...)" if prompt.system else ""))
         return 0
     if not (args.pdf or args.images) or not args.output:
-        raise ParamsError("infer needs --pdf FILE_OR_DIR or --images DIR, and --output DIR")
+        raise ParamsError("infer needs --pdf FILE_OR_DIR or --images FILE_OR_DIR, and --output DIR")
     out = Path(args.output)
+    failed = []  # pages that could not be rendered: their documents show where text is missing
     if args.pdf:
         from .pdf import render_pages, source_pdf
         from .teachers.base import PageInput
 
         manifest = render_pages(args.pdf, out / "pages", dpi=args.dpi, workers=params.pdf2img.workers)
         for skipped in manifest.skipped:
-            print(f"skipped {skipped['pdf']}: {skipped['reason']}")
+            print(f"skipped {skipped['pdf']}" + (f" page {skipped['page']}" if "page" in skipped else "")
+                  + f": {skipped['reason']}")
         pages = [PageInput(p.doc, p.page, out / "pages" / p.image, source_pdf(args.pdf, p)) for p in manifest.pages]
+        docs = {p.doc for p in pages}
+        failed = [PageLabel(s["doc"], s["page"], "", "failed", reason=f"not rendered: {s['reason']}")
+                  for s in manifest.skipped if "page" in s and s.get("doc") in docs]
     else:
-        folder = Path(args.images)
-        if not folder.is_dir():
-            raise ParamsError(f"--images {folder}: not a directory")
-        pages = image_pages(sorted(p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"}))
+        try:
+            pages, others = image_pages(args.images, out / "pages")
+        except (FileNotFoundError, ValueError) as e:
+            raise ParamsError(f"--images: {e}") from None
+        if others:
+            shown = ", ".join(str(p) for p in others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+            print(f"skipped {len(others)} files that are not images Pillow reads: {shown}")
     if not pages:
-        raise ParamsError("no page images to transcribe")
+        raise ParamsError("no page images to transcribe" + ("" if args.pdf else
+                          " (any image format Pillow reads: PNG, JPEG, TIFF, WebP, BMP, GIF...)"))
     teacher = get_teacher(params)
-    written = infer_documents(teacher, pages, out, fmt=args.format)
+    written = infer_documents(teacher, pages, out, fmt=args.format, failed=failed)
     print(f"wrote {len(written)} documents ({args.format}) to {out}")
     usage = getattr(teacher, "usage", None)
     if usage is not None:
@@ -244,6 +254,16 @@ def main(argv=None) -> int:
         return args.func(args)
     except (ParamsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        hint = {cmd_infer: ": run the same command again to go on (answered pages are cached)",
+                cmd_train: ": `train --resume` goes on from the last checkpoint"}.get(args.func, "")
+        print(f"interrupted{hint}", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave
+            raise
+        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)  # an --output that is a file, say
         return 2
     except Exception as e:  # the user's own mistakes get one line; anything else keeps its traceback
         from .dataset import DatasetError

@@ -17,7 +17,7 @@ from .models.base import load_image
 from .dataset import make_record
 from .params import DEFAULT_PROMPT, Params
 from .teachers.base import PageInput, PageLabel
-from .pdf import parse_page_image_name
+from .pdf import list_files, parse_page_image_name
 from .runtime import pick_device, pick_dtype
 from .train import adapter_params, load_base, to_device
 
@@ -77,36 +77,86 @@ def transcribe_paths(model: LocalModel, paths: Iterable[Path], prompt: str, max_
     bar.close()
 
 
-def group_pages(paths: Iterable[Path]) -> dict[str, list[Path]]:
-    """`{doc}_p{N}.png` files grouped by document, pages in numeric order; other names are one-page docs."""
-    groups: dict[str, list[tuple[int, Path]]] = defaultdict(list)
-    for p in paths:
-        parsed = parse_page_image_name(p.name)
-        doc, page = parsed if parsed else (p.stem, 1)
-        groups[doc].append((page, p))
-    return {doc: [p for _, p in sorted(items)] for doc, items in sorted(groups.items())}
+def _readable_suffixes() -> set[str]:
+    from PIL import Image
+
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 
 
-def image_pages(paths: Iterable[Path]) -> list[PageInput]:
-    """PageInputs for page images without their PDFs (`infer --images`; pages rendered from PDFs here come
-    with theirs from the render manifest, pdf.source_pdf)."""
-    pages = []
-    for doc, files in group_pages(paths).items():
-        for p in files:
-            parsed = parse_page_image_name(p.name)
-            pages.append(PageInput(doc, parsed[1] if parsed else 1, p))
-    return pages
+def image_pages(source: str | Path, frames_dir: str | Path) -> tuple[list[PageInput], list[Path]]:
+    """The pages of `--images`: a file or a folder with its subfolders, every image format Pillow reads.
+    Documents: `{doc}_p{N}.{ext}` files are pages of `doc` in numeric order, any other image is a one-page
+    document named after it, a multi-page TIFF a document of its frames (written to `frames_dir` as PNGs);
+    files in subfolders get the folder in their name (`2024/scan.png` -> `2024__scan`), as PDFs do.
+    Returns the pages and the files that are not images. Two files for one page (`scan.png` beside
+    `scan.jpg`, `a_p1.png` beside `a_p01.png`) or documents whose names differ only by case are refused:
+    their transcriptions would land in one file."""
+    from PIL import Image
+
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such file or directory")
+    suffixes = _readable_suffixes()
+    files = list_files(source, lambda name: True)
+    root = source.parent if source.is_file() else source
+    pages, others, owner, docs = [], [], {}, {}
+    for path in files:
+        if path.suffix.lower() not in suffixes:
+            others.append(path)
+            continue
+        rel = path.relative_to(root)
+        parsed = parse_page_image_name(rel.name)
+        doc, page = parsed if parsed else (Path(rel.name).stem, 1)
+        doc = "__".join([*rel.parent.parts, doc])
+        images = [(page, path)]
+        if path.suffix.lower() in (".tif", ".tiff") and not parsed:
+            images = _tiff_frames(path, doc, Path(frames_dir)) or images
+        for page, image in images:
+            if (doc, page) in owner:
+                raise ValueError(f"{owner[doc, page]} and {path} are both page {page} of document {doc!r}: "
+                                 "rename one of them")
+            if docs.setdefault(doc.casefold(), doc) != doc:
+                raise ValueError(f"documents {docs[doc.casefold()]!r} and {doc!r} differ only by case and would "
+                                 "share one output file where names ignore case: rename one of them")
+            owner[doc, page] = path
+            pages.append(PageInput(doc, page, image))
+    return sorted(pages, key=lambda p: (p.doc, p.page)), others
+
+
+def _tiff_frames(path: Path, doc: str, frames_dir: Path) -> list[tuple[int, Path]]:
+    """A multi-page TIFF (how scanners save a document) as one PNG per frame; [] for a one-page file or one
+    that does not open (its page then fails with the reason)."""
+    from PIL import Image, ImageSequence
+
+    try:
+        with Image.open(path) as im:
+            if getattr(im, "n_frames", 1) < 2:
+                return []
+            frames_dir.mkdir(parents=True, exist_ok=True)
+            out = []
+            for i, frame in enumerate(ImageSequence.Iterator(im), start=1):
+                target = frames_dir / f"{doc}_p{i}.png"
+                frame.convert("RGBA" if "A" in frame.mode else "RGB").save(target)  # CMYK has no PNG
+                out.append((i, target))
+            return out
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return []
 
 
 def infer_documents(teacher, pages: list[PageInput], out_dir: str | Path, fmt: str = "md",
-                    progress: bool = True) -> list[Path]:
+                    progress: bool = True, failed: Iterable[PageLabel] = ()) -> list[Path]:
     """Transcribe pages with any teacher; write each document the moment its last page is answered, so
-    finished documents can be opened while the run goes on. Returns the files in the order written."""
+    finished documents can be opened while the run goes on. `failed`: pages that never reached the teacher
+    (not rendered), shown in their documents as missing. Returns the files in the order written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    expected = Counter(p.doc for p in pages)
+    failed = list(failed)
+    expected = Counter(p.doc for p in pages) + Counter(x.doc for x in failed)
     done: dict[str, list[PageLabel]] = defaultdict(list)
-    written = []
+    for x in failed:
+        done[x.doc].append(x)
+    written = [write_document(doc, sorted(done.pop(doc), key=lambda x: x.page), pages, out_dir, fmt)
+               for doc in sorted({x.doc for x in failed} - {p.doc for p in pages})]  # no page rendered
     bar = tqdm(total=len(pages), desc=f"infer ({teacher.name})", unit="page", disable=not progress)
     for label in teacher.label(pages):
         bar.update(1)

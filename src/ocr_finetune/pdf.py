@@ -85,15 +85,21 @@ def open_pdf(path: str | Path) -> "pymupdf.Document":  # noqa: F821
 
 
 def list_pdfs(source: str | Path) -> list[Path]:
-    """The PDFs under `source` (a file, or a folder searched with its subfolders; hidden folders skipped)."""
+    """The PDFs under `source` (a file, or a folder searched with its subfolders; hidden ones skipped)."""
     source = Path(source)
+    if not source.exists():
+        raise PdfError(f"{source}: no such file or directory")
+    return list_files(source, lambda name: name.lower().endswith(".pdf"))
+
+
+def list_files(source: Path, wanted) -> list[Path]:
+    """`source` itself if it is a file, else the files under it whose name `wanted` accepts, subfolders
+    included, hidden files and folders skipped (macOS leaves `._report.pdf` beside each file it copies)."""
     if source.is_file():
         return [source]
-    if not source.is_dir():
-        raise PdfError(f"{source}: no such file or directory")
     found, seen = [], set()
     # os.walk, not Path.rglob: rglob does not enter linked folders (before Python 3.13), and users link
-    # archives into their PDF folder rather than copy them; `seen` stops a link that loops
+    # archives into their folders rather than copy them; `seen` stops a link that loops
     for root, dirs, files in os.walk(source, followlinks=True):
         real = os.path.realpath(root)
         if real in seen:
@@ -101,7 +107,7 @@ def list_pdfs(source: str | Path) -> list[Path]:
             continue
         seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [Path(root) / f for f in files if f.lower().endswith(".pdf")]
+        found += [Path(root) / f for f in files if not f.startswith(".") and wanted(f)]
     return sorted(found)
 
 
@@ -156,6 +162,19 @@ def _render_one(task) -> tuple[str, int, int, bool, int, str | None]:
         return out_path, 0, 0, False, dpi, f"{type(e).__name__}: {e}"
 
 
+def _remove_previous_pages(out_dir: Path) -> None:
+    """The page images an earlier run listed in its manifest: a run over fewer pages or PDFs would otherwise
+    leave stale pages beside the new ones (and `infer --images` over the folder would read them). Files the
+    manifest does not name are the user's and stay."""
+    try:
+        previous = RenderManifest.load(out_dir / "manifest.json")
+    except (OSError, ValueError, TypeError, KeyError):
+        return
+    for page in previous.pages:
+        if Path(page.image).name == page.image:  # a bare file name, never a path out of the folder
+            (out_dir / page.image).unlink(missing_ok=True)
+
+
 def render_pages(source: str | Path, out_dir: str | Path, dpi: int = 200, fmt: str = "png",
                  start_page: int = 1, end_page: int | None = None, workers: int = 1,
                  progress: bool = True) -> RenderManifest:
@@ -173,6 +192,7 @@ def render_pages(source: str | Path, out_dir: str | Path, dpi: int = 200, fmt: s
         raise ValueError(f"format {fmt!r}: allowed values are png, jpg")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_previous_pages(out_dir)
     manifest = RenderManifest(dpi=dpi, format=fmt)
     pdfs = {(pdf.relative_to(source).as_posix() if Path(source).is_dir() else pdf.name): pdf
             for pdf in list_pdfs(source)}
@@ -208,8 +228,8 @@ def render_pages(source: str | Path, out_dir: str | Path, dpi: int = 200, fmt: s
     bar.close()
     for (pdf, index, *_), (doc, rel), (out_path, w, h, has_text, page_dpi, error) in zip(tasks, docs, results):
         if error is not None:
-            manifest.skipped.append({"pdf": rel, "page": index + 1, "reason": f"{Path(pdf).name} page {index + 1}: "
-                                                                             f"cannot be rendered ({error})"})
+            manifest.skipped.append({"pdf": rel, "doc": doc, "page": index + 1,
+                                     "reason": f"{Path(pdf).name} page {index + 1}: cannot be rendered ({error})"})
             tqdm.write(f"skipped {manifest.skipped[-1]['reason']}")
             continue
         if page_dpi < dpi:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 class ModelLoadError(RuntimeError):
@@ -39,6 +39,10 @@ def resolve_checkpoint(base: str, cache_dir: str | Path, allow_download: bool, s
     local = Path(base)
     if local.is_dir():
         return local
+    # a hub id is `org/name`; anything else that looks like a path is a local folder that is not there
+    if base.startswith((".", "/", "~")) or "\\" in base or base.count("/") > 1 or local.exists():
+        raise ModelLoadError(f"model.base={base}: no such checkpoint folder (a local path, since it is not an "
+                             "`org/name` id of the Hugging Face Hub)")
     target = Path(cache_dir) / slug(base)
     if (target / "config.json").is_file() and weights_complete(target):
         return target
@@ -103,12 +107,23 @@ def checkpoint_source(path: str | Path) -> dict:
 
 
 def load_image(path: str | Path) -> Image.Image:
+    """A page image as RGB, upright as its EXIF orientation says (phone photos), transparent parts white (a
+    PNG page with a transparent background converted as is reads as black)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"page image not found: {path}")
     try:
         with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+                rgba = im.convert("RGBA")
+                page = Image.new("RGB", rgba.size, "white")
+                page.paste(rgba, mask=rgba.getchannel("A"))
+                return page
             return im.convert("RGB")
+    except Image.DecompressionBombError as e:  # not an OSError; Pillow refuses > 179 Mpixels unread
+        raise ValueError(f"{path}: too large to read safely ({e}); scale it down (the model sees at most "
+                         "1024 px a side)") from None
     except OSError as e:
         raise ValueError(f"{path}: not a readable image ({e})") from None
 

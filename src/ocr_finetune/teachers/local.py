@@ -50,7 +50,11 @@ class LocalTeacher:
         settings = self.settings()
         todo = []
         for page in pages:
-            key = cache_key(page.image, **settings)
+            try:
+                key = cache_key(page.image, **settings)  # reads the file: a missing one fails its page here
+            except OSError as e:
+                yield PageLabel(page.doc, page.page, page.image.name, "failed", reason=str(e), teacher=self.name)
+                continue
             entry = self.cache.get(key)
             if entry is not None:
                 yield self.to_label(page, entry)
