@@ -68,7 +68,7 @@ def evaluate(params: Params, eval_jsonl: str | Path, adapter_dir: str | Path | N
         # long format, one bar per (document, system): what `dvc plots` draws as a horizontal bar chart
         write_json(metrics_dir / "eval_per_doc.json",
                    [{"doc_system": f"{r['doc']} [{name}]", "doc": r["doc"], "system": name,
-                     "cer": r[f"{name}_cer_clipped"], "ned": r[f"{name}_ned"]}
+                     "cer_clipped": r[f"{name}_cer_clipped"], "ned": r[f"{name}_ned"]}
                     for r in doc_rows for name in systems])
         with (metrics_dir / "eval_pages.jsonl").open("w", encoding="utf-8") as f:
             for p in pages:

@@ -91,8 +91,6 @@ def image_pages(source: str | Path, frames_dir: str | Path) -> tuple[list[PageIn
     Returns the pages and the files that are not images. Two files for one page (`scan.png` beside
     `scan.jpg`, `a_p1.png` beside `a_p01.png`) or documents whose names differ only by case are refused:
     their transcriptions would land in one file."""
-    from PIL import Image
-
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such file or directory")
