@@ -4,10 +4,25 @@ validate params.yaml before any work."""
 import sys
 
 try:
+    from ocr_finetune.cli import user_error
     from ocr_finetune.params import ParamsError, load_params
 except ImportError as e:  # pragma: no cover - only without the package installed
     sys.exit(f"cannot import ocr_finetune ({e}). Activate the project environment first: "
              f"`source .venv/bin/activate` (after `make install`), or run `uv run dvc repro`.")
+
+
+def _report(kind, value, tb):
+    """A user's mistake (a param, a path, a file) or Ctrl-C as one line, as the CLI prints it; a bug keeps its
+    traceback. The stage still exits non-zero, so `dvc repro` stops."""
+    message = user_error(value, ": `dvc repro` goes on where it stopped (finished stages, checkpoints and "
+                                "answered pages are kept)")
+    if message is None:
+        sys.__excepthook__(kind, value, tb)
+    else:
+        print(message, file=sys.stderr)
+
+
+sys.excepthook = _report
 
 
 def params():

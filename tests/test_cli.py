@@ -144,3 +144,29 @@ def test_pdf2img_refuses_what_it_cannot_render_and_infer_reads_upper_case_pdfs(t
     cli("infer", "--pdf", tmp_path / "Scan.PDF", "--output", tmp_path / "md", "--config", config)
     text = (tmp_path / "md" / "Scan.md").read_text(encoding="utf-8")
     assert "<!--" not in text and "|" in text  # the price table, not a 'failed' comment
+
+
+def test_tracking_that_cannot_be_reached_is_one_line_and_one_that_goes_away_costs_only_metrics(tmp_path,
+                                                                                              monkeypatch):
+    """An unreachable MLflow server was four silent minutes and a traceback; a run that lost its server
+    mid-way stopped training. Now: a TrackingError naming the way out, and logging that stops with a warning.
+    An adapter whose run is not in this store evaluates without it."""
+    import mlflow
+    import pytest
+
+    from ocr_finetune.params import TrackingParams
+    from ocr_finetune.tracking import TrackingError, run_exists, start_run
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(TrackingError, match="tracking.enabled=false"):
+        with start_run(TrackingParams(tracking_uri="http://127.0.0.1:9")):
+            pass
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with start_run(TrackingParams(tracking_uri=store)) as tracker:
+        tracker.log_metric("loss", 1.0, step=0)
+        mlflow.set_tracking_uri("http://127.0.0.1:9")  # the server goes away
+        tracker.log_metric("loss", 0.5, step=1)
+        assert tracker.failed
+        mlflow.set_tracking_uri(store)
+    assert run_exists(TrackingParams(tracking_uri=store), tracker.run_id)
+    assert not run_exists(TrackingParams(tracking_uri=store), "0" * 32)

@@ -49,6 +49,19 @@ def test_labels_mask_bos_prompt_and_image_tokens(tiny_dir):
     assert (ex.labels[: len(ex.input_ids) - len(target)] == -100).all()
 
 
+def test_a_label_cut_to_max_label_tokens_does_not_end_with_eos(tiny_dir):
+    """The model must not learn to stop mid-page: a label cut at train.max_label_tokens keeps its first
+    tokens without EOS; one that fits ends with EOS. Both say how long the whole label was."""
+    processor = load_processor(tiny_dir, "nocrop")
+    tok = processor.tokenizer
+    text = "word " * 40
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    cut = encode_example(processor, page(), "<image>\nFree OCR.", text, max_label_tokens=8)
+    assert cut.labels[cut.labels != -100].tolist() == ids[:8] and cut.label_tokens == len(ids) + 1
+    whole = encode_example(processor, page(), "<image>\nFree OCR.", text, max_label_tokens=len(ids) + 1)
+    assert whole.labels[whole.labels != -100].tolist() == ids + [tok.eos_token_id]
+
+
 def test_gundam_resolution_tiles_pages(tiny_dir):
     processor = load_processor(tiny_dir, "gundam")
     ex = encode_example(processor, page(size=(1200, 1600)), "<image>\nFree OCR.", "x", max_label_tokens=8)

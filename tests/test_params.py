@@ -40,7 +40,24 @@ def test_wrong_type_and_range():
 
 
 def test_credentials_never_go_in_params():
-    assert "environment" in error_for({"tracking": {"tracking_uri": "https://user:secret@mlflow.example"}})
+    """Params are logged to MLflow and committed in dvc.lock: no user:password, no key in a query string, and
+    the error does not repeat the secret."""
+    for section, key, url in (("tracking", "tracking_uri", "https://user:secret@mlflow.example"),
+                              ("tracking", "tracking_uri", "https://mlflow.example/?access_token=secret"),
+                              ("teacher", "api", "https://alice:secret@llm.example/v1"),
+                              ("teacher", "api", "https://x.openai.azure.com/openai?api-key=secret")):
+        raw = {section: {key: url} if key != "api" else {"api": {"base_url": url}}}
+        message = error_for(raw)
+        assert "environment" in message and "secret" not in message, url
+    validate_params({"teacher": {"api": {"base_url": "https://llm.example/v1?monkey=1"}},
+                     "tracking": {"tracking_uri": "databricks"}})
+
+
+def test_tracking_stores_and_output_folders_that_cannot_work_are_refused():
+    assert "sqlite:///" in error_for({"tracking": {"tracking_uri": "mlruns"}})
+    assert "sqlite:///" in error_for({"tracking": {"tracking_uri": "file:///tmp/mlruns"}})
+    assert "not the project folder" in error_for({"train": {"output_dir": "."}})
+    assert "must differ" in error_for({"train": {"output_dir": "models/x", "checkpoint_dir": "models/x/"}})
 
 
 def test_stage_stops_before_any_work(tmp_path):
@@ -53,6 +70,18 @@ def test_stage_stops_before_any_work(tmp_path):
     assert r.returncode != 0
     assert "lora.mode" in r.stderr and "vision, llm, both" in r.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_stage_reports_a_users_mistake_in_one_line(tmp_path):
+    """A stage's ModelLoadError (a model.base folder that is not there) is one line as in the CLI, not a
+    traceback; the stage still fails."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["model"]["base"] = str(tmp_path / "no-such-model")
+    raw["tracking"]["enabled"] = False
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    r = subprocess.run([sys.executable, str(ROOT / "stages" / "train.py")], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0 and "no such checkpoint folder" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_resolution_must_be_a_preset_of_the_family():

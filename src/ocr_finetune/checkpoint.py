@@ -11,14 +11,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
 import torch
 
+from .dataset import read_jsonl
 from .params import Params
 
 STATE = "state.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that exists but cannot be used."""
 # Settings that do not change what is computed, only where it runs or what is written.
 NOT_FINGERPRINTED = {"output_dir", "log_every", "save_every", "checkpoint_dir", "resume", "num_gpus", "device",
                      # how fast and in how much memory, not what is computed: a run that ran out of memory
@@ -35,6 +41,9 @@ def fingerprint(params: Params, train_jsonl: str | Path) -> str:
                        "prompt": params.dataset.prompt}, sort_keys=True)
     h = hashlib.sha256(blob.encode())
     h.update(Path(train_jsonl).read_bytes())
+    # the JSONL names its images, not their pixels: pages rendered again at another dpi keep the same file
+    for image in sorted({str(e.image) for e in read_jsonl(train_jsonl)}):
+        h.update(hashlib.sha256(Path(image).read_bytes()).digest())
     return h.hexdigest()[:16]
 
 
@@ -49,15 +58,23 @@ class Checkpoints:
     def load(self) -> dict | None:
         if not self.path.is_file():
             return None
-        return torch.load(self.path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, pickle, zip errors for a damaged file
+            raise CheckpointError(f"{self.path} cannot be read ({type(e).__name__}: {str(e)[:200]}); delete "
+                                  f"{self.path.parent} to train afresh") from None
 
     def save(self, step: int, losses: list[float], model, optimizer, schedule) -> None:
         """Atomically: a run killed while saving leaves the previous checkpoint intact."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
         tmp = self.path.with_suffix(".tmp")
+        # the random states too: dropout after a resume draws what it would have drawn without the stop
+        rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save({"step": step, "losses": losses, "trainable": trainable, "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict()}, tmp)
+                    "schedule": schedule.state_dict(), "rng": rng}, tmp)
         os.replace(tmp, self.path)
 
     @staticmethod
@@ -71,6 +88,12 @@ class Checkpoints:
                 params[name].copy_(value)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
+        rng = state.get("rng")
+        if rng:  # checkpoints written before the random states were kept resume without them
+            torch.set_rng_state(rng["torch"])
+            random.setstate((3, tuple(rng["python"]), None))
+            if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])
 
     def clear(self) -> None:
         shutil.rmtree(self.folder / self.key, ignore_errors=True)

@@ -246,33 +246,36 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def user_error(e: BaseException, interrupted_hint: str = "") -> str | None:
+    """One line for what the user can fix (a param, a path, a file, Ctrl-C), None for a bug (its traceback
+    is kept). The CLI and the DVC stages both report through this."""
+    from .checkpoint import CheckpointError
+    from .dataset import DatasetError
+    from .models.base import ModelLoadError
+
+    if isinstance(e, KeyboardInterrupt):
+        return f"interrupted{interrupted_hint}"
+    if isinstance(e, (ParamsError, FileNotFoundError, ValueError, DatasetError, ModelLoadError, CheckpointError)):
+        return f"error: {e}"
+    if isinstance(e, OSError) and e.filename is not None:  # an --output that is a file, a folder not writable
+        return f"error: {e.filename}: {e.strerror}"
+    return None
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # `train` re-runs itself under torchrun with the same arguments
     try:
         return args.func(args)
-    except (ParamsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+    except (Exception, KeyboardInterrupt) as e:
         hint = {cmd_infer: ": run the same command again to go on (answered pages are cached)",
                 cmd_train: ": `train --resume` goes on from the last checkpoint"}.get(args.func, "")
-        print(f"interrupted{hint}", file=sys.stderr)
-        return 130
-    except OSError as e:
-        if e.filename is None:  # not about a path the user gave
+        message = user_error(e, hint)
+        if message is None:
             raise
-        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)  # an --output that is a file, say
-        return 2
-    except Exception as e:  # the user's own mistakes get one line; anything else keeps its traceback
-        from .dataset import DatasetError
-        from .models.base import ModelLoadError
-
-        if isinstance(e, (DatasetError, ModelLoadError)):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
+        print(message, file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 2
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ def evaluate(params: Params, eval_jsonl: str | Path, adapter_dir: str | Path | N
     ep = params.evaluate
     examples = read_jsonl(eval_jsonl)
     if not examples:
-        raise ValueError(f"{eval_jsonl} has no examples to evaluate")
+        raise ValueError(f"{eval_jsonl} has no examples to evaluate: build_dataset holds whole documents out "
+                         "for evaluation (dataset.eval_fraction), and a corpus of one document (or a fraction too "
+                         "small for one) has none to hold out; add documents")
     prompt = prompt or examples[0].prompt
     systems = {"base": None}
     if adapter_dir is not None:
@@ -104,10 +106,14 @@ def score_pages(examples: list, outputs: dict[str, list[str]], ep) -> list[dict]
 def evaluate_adapter(params: Params, eval_jsonl: str | Path, adapter_dir: str | Path | None,
                      metrics_dir: str | Path | None = None, prompt: str | None = None, progress: bool = True) -> dict:
     """evaluate(), with the scores logged to the MLflow run that trained the adapter (when it has one)."""
-    from .tracking import start_run
+    from .tracking import run_exists, start_run
     from .train import read_run_info
 
     run_id = read_run_info(adapter_dir).get("mlflow_run_id") if adapter_dir is not None else None
+    if run_id is not None and params.tracking.enabled and not run_exists(params.tracking, run_id):
+        print(f"note: the adapter's MLflow run {run_id} is not in this tracking store (trained elsewhere, or the "
+              "store was replaced): the scores are written under metrics/ only", flush=True)
+        run_id = None
     if run_id is None:
         return evaluate(params, eval_jsonl, adapter_dir, metrics_dir, None, progress, prompt)
     with start_run(params.tracking, run_id=run_id) as tracker:

@@ -6,6 +6,8 @@ with one message that names the key and what it accepts, instead of failing an h
 
 from __future__ import annotations
 
+import os
+
 import re
 from pathlib import Path
 from typing import Literal, get_args
@@ -77,6 +79,11 @@ class ApiTeacherParams(_Section):
     # the request field that carries max_tokens: newer OpenAI models accept only max_completion_tokens
     max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
     temperature: float | None = Field(0.0, ge=0.0, le=2.0)  # null: not sent (models that refuse the setting)
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url_without_secrets(cls, v):
+        return _no_secret_in_url(v, "the environment variable that api_key_env names")
 
     @field_validator("api_key_env")
     @classmethod
@@ -213,6 +220,12 @@ class TrainParams(_Section):
 
     @model_validator(mode="after")
     def _split(self):
+        for key in ("output_dir", "checkpoint_dir"):  # the adapter is written into it, README.md and all
+            if os.path.normpath(getattr(self, key) or ".") == ".":
+                raise ValueError(f"{key} {getattr(self, key)!r}: name a folder of its own (e.g. models/adapter), "
+                                 "not the project folder")
+        if os.path.normpath(self.output_dir) == os.path.normpath(self.checkpoint_dir):
+            raise ValueError("output_dir and checkpoint_dir must differ (a finished run clears its checkpoints)")
         if self.batch_size % self.num_gpus:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of num_gpus ({self.num_gpus}): "
                              f"the batch is split evenly over the GPUs")
@@ -242,9 +255,26 @@ class TrackingParams(_Section):
     @field_validator("tracking_uri")
     @classmethod
     def _no_secret(cls, v):
-        if "@" in v.split("://", 1)[-1].split("/", 1)[0]:
-            raise ValueError("put credentials in the environment (MLFLOW_TRACKING_USERNAME/PASSWORD), not in params")
-        return v
+        if v and v not in ("databricks", "databricks-uc") and (v.startswith("file:") or "://" not in v):
+            # MLflow 3 stops on its file store ("maintenance mode") with a traceback
+            raise ValueError(f"{v!r}: MLflow's folder store is not supported; use a database file such as "
+                             "sqlite:///mlflow.db, a server (http://host:5000), or leave it empty")
+        return _no_secret_in_url(v, "the environment (MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN)")
+
+
+# query parameters that carry credentials in the URLs people paste (Azure's api-key, SAS sig, tokens)
+_SECRET_NAMES = {"key", "apikey", "sig", "signature", "auth", "authorization", "code", "password", "passwd", "pwd"}
+
+
+def _no_secret_in_url(url: str, where: str) -> str:
+    """Params are logged to MLflow and committed in dvc.lock: a URL may not carry a user:password or a key."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    parts = urlsplit(url)
+    names = [name.lower().replace("-", "").replace("_", "") for name, _ in parse_qsl(parts.query)]
+    if "@" in parts.netloc or any(n in _SECRET_NAMES or n.endswith(("token", "secret", "apikey")) for n in names):
+        raise ValueError(f"the URL carries credentials; params are logged and committed, so put them in {where}")
+    return url
 
 
 class Params(_Section):
@@ -298,7 +328,8 @@ def _format(err: ValidationError, source: str) -> str:
             msg = f"unknown key `{key}`" + (f": {NOT_OFFERED[key]}" if key in NOT_OFFERED else "")
         else:
             got = e.get("input")
-            msg = f"`{key}` = {got!r}: {e['msg']}"
+            shown = "(not shown: it holds credentials)" if "carries credentials" in e["msg"] else repr(got)
+            msg = f"`{key}` = {shown}: {e['msg']}"
         hint = _allowed(Params, loc) if loc else None
         lines.append(f"{msg}" + (f" ({hint})" if hint else ""))
     return f"invalid params in {source}:\n  " + "\n  ".join(lines)

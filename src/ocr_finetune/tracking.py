@@ -14,6 +14,13 @@ from pathlib import Path
 from .params import Params, TrackingParams
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow retries an unreachable server 7 times with doubling waits (about 4 minutes of silence); 3 is enough
+# to ride out a blip and says what is wrong within seconds
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+
+
+class TrackingError(ValueError):
+    """The tracking store cannot be used (unreachable, refused): one line, and how to go on without it."""
 
 
 def git_commit() -> str | None:
@@ -38,44 +45,66 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 class Tracker:
-    """A thin wrapper so training code reads `tracker.log_metric(...)` whether MLflow is on or off."""
+    """A thin wrapper so training code reads `tracker.log_metric(...)` whether MLflow is on or off. Logging is
+    best effort once the run has started: a tracking server that goes away mid-run costs its metrics (with
+    one warning), not the training."""
 
     def __init__(self, run=None):
         self.run = run
+        self.failed = False
+
+    def _safely(self, log, *args, **kwargs):
+        if not self.run or self.failed:
+            return
+        try:
+            log(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - MLflow raises its own, requests' and OS errors alike
+            self.failed = True
+            print(f"warning: MLflow logging stopped ({type(e).__name__}: {str(e)[:200]}); the run goes on, "
+                  "its metrics are still written under metrics/", flush=True)
 
     @property
     def run_id(self) -> str | None:
         return self.run.info.run_id if self.run else None
 
     def log_metric(self, key: str, value: float, step: int | None = None):
-        if self.run:
-            import mlflow
+        import mlflow
 
-            mlflow.log_metric(key, value, step=step)
+        self._safely(mlflow.log_metric, key, value, step=step)
 
     def log_metrics(self, metrics: dict, step: int | None = None):
-        if self.run:
-            import mlflow
+        import mlflow
 
-            mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        self._safely(mlflow.log_metrics, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
     def log_artifacts(self, path: str | Path, artifact_path: str | None = None):
-        if self.run:
-            import mlflow
+        import mlflow
 
-            mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+        self._safely(mlflow.log_artifacts, str(path), artifact_path=artifact_path)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None):
-        if self.run:
-            import mlflow
+        import mlflow
 
-            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        self._safely(mlflow.log_artifact, str(path), artifact_path=artifact_path)
 
     def set_tags(self, tags: dict):
-        if self.run:
-            import mlflow
+        import mlflow
 
-            mlflow.set_tags({k: str(v) for k, v in tags.items() if v is not None})
+        self._safely(mlflow.set_tags, {k: str(v) for k, v in tags.items() if v is not None})
+
+
+def run_exists(tracking: TrackingParams, run_id: str) -> bool:
+    """Whether the store holds this run (an adapter trained on another machine, or before mlflow.db was
+    deleted, names a run that is not here)."""
+    import mlflow
+
+    if tracking.tracking_uri:
+        mlflow.set_tracking_uri(tracking.tracking_uri)
+    try:
+        mlflow.get_run(run_id)
+        return True
+    except Exception:  # noqa: BLE001 - not found, or no store to ask
+        return False
 
 
 @contextmanager
@@ -89,9 +118,16 @@ def start_run(tracking: TrackingParams, run_name: str | None = None, params: Par
 
     if tracking.tracking_uri:
         mlflow.set_tracking_uri(tracking.tracking_uri)
-    if run_id is None:
-        mlflow.set_experiment(tracking.experiment)
-    with mlflow.start_run(run_name=run_name, run_id=run_id) as run:
+    try:
+        if run_id is None:
+            mlflow.set_experiment(tracking.experiment)
+        run = mlflow.start_run(run_name=run_name, run_id=run_id)
+    except Exception as e:  # noqa: BLE001 - unreachable server, refused credentials, a store it cannot open
+        where = tracking.tracking_uri or "its default store (MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+        raise TrackingError(f"tracking: MLflow at {where} cannot start a run "
+                            f"({type(e).__name__}: {str(e)[:300]}). Fix tracking.tracking_uri or set "
+                            "tracking.enabled=false to go on without MLflow") from None
+    with run:
         tracker = Tracker(run)
         if params is not None and run_id is None:
             mlflow.log_params(flatten(params.model_dump()))

@@ -317,6 +317,12 @@ def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = Non
         raise ValueError(f"{train_jsonl} has no examples: nothing to train on")
     data = [family.encode_example(processor, load_image(e.image), e.prompt, e.target, tp.max_label_tokens)
             for e in tqdm(examples, desc="encode", unit="page", disable=not (progress and rank.is_main))]
+    cut = [x.label_tokens for x in data if x.label_tokens > tp.max_label_tokens]
+    if cut and rank.is_main:
+        print(f"note: {len(cut)} of {len(data)} labels are longer than train.max_label_tokens="
+              f"{tp.max_label_tokens} (the longest {max(cut)} tokens): they are trained on their first "
+              f"{tp.max_label_tokens} tokens, without an end of text. Raise train.max_label_tokens to train on "
+              "whole pages.", flush=True)
     for x in data:  # pixels kept in the model's dtype: half the memory and copying in bf16
         x.pixel = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                    for k, v in x.pixel.items()}
@@ -337,7 +343,7 @@ def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = Non
     tracker.set_tags({"family": params.model.family, "base": params.model.base, "lora_mode": params.lora.mode,
                       "base_revision": checkpoint_source(base_path).get("revision"), "device": device,
                       "num_gpus": rank.world_size, **{f"version.{k}": v for k, v in versions().items()}})
-    tracker.log_metrics({"trainable_params": n_trainable, "train_pages": len(data)})
+    tracker.log_metrics({"trainable_params": n_trainable, "train_pages": len(data), "labels_cut": len(cut)})
 
     plan = step_plan(len(data), tp.batch_size, tp.grad_accum, total_steps, tp.seed)
 

@@ -99,11 +99,15 @@ def encode_example(processor, image, prompt: str, target: str, max_label_tokens:
     enc = encode_prompt(processor, image, prompt)
     tok = processor.tokenizer
     prompt_ids = enc["input_ids"][0]
-    target_ids = tok(target, add_special_tokens=False)["input_ids"][: max_label_tokens - 1] + [tok.eos_token_id]
+    target_ids = tok(target, add_special_tokens=False)["input_ids"]
+    label_tokens = len(target_ids) + 1
+    # A label cut short ends without EOS: with one, the model would learn to stop in the middle of a page.
+    target_ids = target_ids[:max_label_tokens] if label_tokens > max_label_tokens else target_ids + [tok.eos_token_id]
     target_ids = torch.tensor(target_ids, dtype=prompt_ids.dtype)
     # The loss sees only the target: BOS, prompt text and every image token are masked.
     labels = torch.cat([torch.full_like(prompt_ids, -100), target_ids])
-    return Encoded(input_ids=torch.cat([prompt_ids, target_ids]), labels=labels, pixel=views(enc))
+    return Encoded(input_ids=torch.cat([prompt_ids, target_ids]), labels=labels, pixel=views(enc),
+                   label_tokens=label_tokens)
 
 
 def views(enc) -> dict:

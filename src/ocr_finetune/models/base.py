@@ -25,6 +25,7 @@ class Encoded:
     labels: torch.Tensor  # (L,) -100 on BOS, prompt and image tokens
     pixel: dict  # family-specific image tensors for this one example
     features: torch.Tensor | None = None  # its image features (train.cache_vision_features), once computed
+    label_tokens: int = 0  # the whole label's tokens with EOS, before any cut to train.max_label_tokens
 
 
 def slug(repo_id: str) -> str:
