@@ -166,6 +166,8 @@ def test_stripping_markdown_keeps_what_is_printed_on_the_page():
     assert cer("Step 12. Mix", "Step Mix", **strip) > 0
     assert cer("# **Total:** 12\n- *pens* and __ink__ and ***both***\n<b>x</b> `a_b`",
                "Total: 12\npens and ink and both\nx a_b", **strip) == 0.0
+    assert cer("**注意**事项", "注意事项", **strip) == 0.0  # bold inside CJK text is still bold
+    assert cer("cost $5 and *net* $10", "cost $5 and net $10", **strip) == 0.0  # money, not math
 
 
 def test_loops_are_found_in_scripts_written_without_spaces():
@@ -177,6 +179,9 @@ def test_loops_are_found_in_scripts_written_without_spaces():
     prose = ("深度学习模型在文档理解任务中取得了显著进展，尤其是在光学字符识别领域。研究人员提出了多种方法来提高识别精度，"
              "包括注意力机制、视觉编码器和语言模型的结合。这些方法在公开数据集上表现良好，但在真实场景中仍然面临挑战。")
     assert not page_scores(prose, prose)["loop"] and degenerate_reason(prose, "stop", 0.5) is None
+    # an HTML table (DeepSeek-OCR writes them on one line) repeats its tags, not its text
+    table = "<table>" + "".join(f"<tr><td>{i}</td><td>-</td><td>0</td></tr>" for i in range(40)) + "</table>"
+    assert not page_scores(table, table)["loop"] and degenerate_reason("Staff\n" + table, "stop", 0.5) is None
 
 
 def test_tables_are_scored_after_the_same_normalisation_and_found_without_outer_pipes():

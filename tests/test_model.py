@@ -57,8 +57,8 @@ def test_a_label_cut_to_max_label_tokens_does_not_end_with_eos(tiny_dir):
     text = "word " * 40
     ids = tok(text, add_special_tokens=False)["input_ids"]
     cut = encode_example(processor, page(), "<image>\nFree OCR.", text, max_label_tokens=8)
-    assert cut.labels[cut.labels != -100].tolist() == ids[:8] and cut.label_tokens == len(ids) + 1
-    whole = encode_example(processor, page(), "<image>\nFree OCR.", text, max_label_tokens=len(ids) + 1)
+    assert cut.labels[cut.labels != -100].tolist() == ids[:8] and cut.label_tokens == len(ids)
+    whole = encode_example(processor, page(), "<image>\nFree OCR.", text, max_label_tokens=len(ids))
     assert whole.labels[whole.labels != -100].tolist() == ids + [tok.eos_token_id]
 
 

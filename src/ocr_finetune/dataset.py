@@ -75,6 +75,8 @@ def validate_record(rec, where: str) -> None:
     if meta is not None and not isinstance(meta, dict):
         bad('"meta" must be an object like {"doc": "report", "page": 3}')
     page = (meta or {}).get("page")
+    if isinstance(page, str) and page.isdigit():  # "3": files written by other tools
+        page = int(page)
     if page is not None and (isinstance(page, bool) or not isinstance(page, int) or page < 0):
         bad(f'"meta.page" must be a page number (an integer >= 0), got {page!r}')
 
@@ -101,7 +103,7 @@ def read_jsonl(path: str | Path, check_images: bool = True) -> list[Example]:
             raise DatasetError(f"{where}: image not found: {image}")
         meta = rec.get("meta") or {}
         examples.append(Example(image=image, prompt=user["content"], target=assistant["content"],
-                                doc=str(meta.get("doc", image.stem)), page=meta.get("page") or 0))
+                                doc=str(meta.get("doc", image.stem)), page=int(meta.get("page") or 0)))
     return examples
 
 

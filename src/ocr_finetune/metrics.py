@@ -30,8 +30,9 @@ from .teachers.quality import repeat_fraction
 # Only what is markup in any reading: tags start with a letter and stay on one line ("x < 5 ... y > 3" is text)
 _HTML_TAG = re.compile(r"</?[A-Za-z][^<>\n]*>")
 _TABLE_RULE = re.compile(r"\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*")
-# Emphasis only at word edges (CommonMark's rule for `_`, applied to `*` too): `my_func_name`, `2*3*4` are text
-_EMPHASIS = re.compile(r"(?<![\w*_\\])(\*\*|__|\*|_)(?=\S)(.+?)(?<=\S)\1(?![\w*_])")
+# Emphasis only at word edges (CommonMark's rule for `_`, applied to `*` too): `my_func_name`, `2*3*4` are text;
+# ASCII word edges only: `**注意**事项` is bold
+_EMPHASIS = re.compile(r"(?<![A-Za-z0-9*_\\])(\*\*|__|\*|_)(?=\S)(.+?)(?<=\S)\1(?![A-Za-z0-9*_])")
 # math ($...$) and code spans keep their `_` and `*` (content); code spans lose their backticks
 
 
@@ -45,7 +46,9 @@ def _unemphasise(text: str) -> str:
 
 def _strip_emphasis(line: str) -> str:
     parts, pos = [], 0
-    for m in re.finditer(r"\$\$.+?\$\$|\$[^$\s][^$\n]*\$|`[^`\n]+`", line):
+    # math as Pandoc reads it: `$` then no space, no space before the closing `$`, and no digit after it
+    # (`$5 and $10` is money)
+    for m in re.finditer(r"\$\$.+?\$\$|\$[^$\s](?:[^$\n]*[^$\s])?\$(?!\d)|`[^`\n]+`", line):
         parts.append(_unemphasise(line[pos:m.start()]))
         span = m.group(0)
         parts.append(span[1:-1] if span.startswith("`") else span)

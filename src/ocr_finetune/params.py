@@ -224,8 +224,10 @@ class TrainParams(_Section):
             if os.path.normpath(getattr(self, key) or ".") == ".":
                 raise ValueError(f"{key} {getattr(self, key)!r}: name a folder of its own (e.g. models/adapter), "
                                  "not the project folder")
-        if os.path.normpath(self.output_dir) == os.path.normpath(self.checkpoint_dir):
-            raise ValueError("output_dir and checkpoint_dir must differ (a finished run clears its checkpoints)")
+        out, ckpt = Path(self.output_dir).resolve(), Path(self.checkpoint_dir).resolve()
+        if ckpt == out or ckpt.is_relative_to(out):
+            raise ValueError("checkpoint_dir may not be output_dir or inside it: `dvc repro` deletes the adapter "
+                             "folder before training, and the checkpoints to resume from would go with it")
         if self.batch_size % self.num_gpus:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of num_gpus ({self.num_gpus}): "
                              f"the batch is split evenly over the GPUs")
@@ -263,7 +265,7 @@ class TrackingParams(_Section):
 
 
 # query parameters that carry credentials in the URLs people paste (Azure's api-key, SAS sig, tokens)
-_SECRET_NAMES = {"key", "apikey", "sig", "signature", "auth", "authorization", "code", "password", "passwd", "pwd"}
+_SECRET_NAMES = {"key", "apikey", "sig", "signature", "auth", "authorization", "password", "passwd", "pwd"}
 
 
 def _no_secret_in_url(url: str, where: str) -> str:
@@ -272,7 +274,11 @@ def _no_secret_in_url(url: str, where: str) -> str:
 
     parts = urlsplit(url)
     names = [name.lower().replace("-", "").replace("_", "") for name, _ in parse_qsl(parts.query)]
-    if "@" in parts.netloc or any(n in _SECRET_NAMES or n.endswith(("token", "secret", "apikey")) for n in names):
+    userinfo = parts.netloc.rpartition("@")[0]
+    # a database URL may name its user (the password then comes from PGPASSWORD or .pgpass); a web URL's
+    # user part is a token as often as a name
+    if (":" in userinfo or (userinfo and parts.scheme.startswith("http"))
+            or any(n in _SECRET_NAMES or n.endswith(("token", "secret", "apikey")) for n in names)):
         raise ValueError(f"the URL carries credentials; params are logged and committed, so put them in {where}")
     return url
 

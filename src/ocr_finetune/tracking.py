@@ -127,10 +127,19 @@ def start_run(tracking: TrackingParams, run_name: str | None = None, params: Par
         raise TrackingError(f"tracking: MLflow at {where} cannot start a run "
                             f"({type(e).__name__}: {str(e)[:300]}). Fix tracking.tracking_uri or set "
                             "tracking.enabled=false to go on without MLflow") from None
-    with run:
-        tracker = Tracker(run)
+    tracker, status = Tracker(run), "FINISHED"
+    try:
         if params is not None and run_id is None:
             mlflow.log_params(flatten(params.model_dump()))
             commit = git_commit()
             tracker.set_tags({"mlflow.source.git.commit": commit, "git_commit": commit})
         yield tracker
+    except BaseException as e:
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        raise
+    finally:
+        try:  # a server lost mid-run must not fail a training that has finished (and cleared its checkpoints)
+            mlflow.end_run(status)
+        except Exception as e:  # noqa: BLE001
+            print(f"warning: MLflow could not close run {run.info.run_id} ({type(e).__name__}: {str(e)[:200]})",
+                  flush=True)

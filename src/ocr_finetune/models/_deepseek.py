@@ -100,7 +100,7 @@ def encode_example(processor, image, prompt: str, target: str, max_label_tokens:
     tok = processor.tokenizer
     prompt_ids = enc["input_ids"][0]
     target_ids = tok(target, add_special_tokens=False)["input_ids"]
-    label_tokens = len(target_ids) + 1
+    label_tokens = len(target_ids)
     # A label cut short ends without EOS: with one, the model would learn to stop in the middle of a page.
     target_ids = target_ids[:max_label_tokens] if label_tokens > max_label_tokens else target_ids + [tok.eos_token_id]
     target_ids = torch.tensor(target_ids, dtype=prompt_ids.dtype)

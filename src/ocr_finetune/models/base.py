@@ -25,7 +25,7 @@ class Encoded:
     labels: torch.Tensor  # (L,) -100 on BOS, prompt and image tokens
     pixel: dict  # family-specific image tensors for this one example
     features: torch.Tensor | None = None  # its image features (train.cache_vision_features), once computed
-    label_tokens: int = 0  # the whole label's tokens with EOS, before any cut to train.max_label_tokens
+    label_tokens: int = 0  # the whole label's tokens (EOS not counted), before any cut to train.max_label_tokens
 
 
 def slug(repo_id: str) -> str:
@@ -37,7 +37,7 @@ SOURCE = "ocr_finetune_source.json"  # written into a downloaded checkpoint: whe
 
 def resolve_checkpoint(base: str, cache_dir: str | Path, allow_download: bool, size_hint: str) -> Path:
     """A local checkpoint directory for `base` (a local path or a hub id), downloading it on first use."""
-    local = Path(base)
+    local = Path(base).expanduser()
     if local.is_dir():
         return local
     # a hub id is `org/name`; anything else that looks like a path is a local folder that is not there

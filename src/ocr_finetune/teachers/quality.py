@@ -7,6 +7,7 @@ label trained on teaches the student to loop, so such pages are marked `degenera
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from .base import PageInput, PageLabel
 
@@ -31,12 +32,20 @@ def clean_output(text: str) -> str:
     return text.strip()
 
 
+def _unspaced_script(c: str) -> bool:
+    """Chinese, Japanese, Korean (wide) or Thai, Lao, Khmer, Myanmar: scripts written without word spaces."""
+    return unicodedata.east_asian_width(c) in "WF" or "\u0e00" <= c <= "\u0eff" or "\u1780" <= c <= "\u17ff" or (
+        "\u1000" <= c <= "\u109f")
+
+
 def repeat_fraction(text: str, n: int = 8) -> float:
     """Share of word n-grams that repeat an earlier one: ~0 for prose and tables, near 1 for a loop. Text
-    with hardly any spaces (Chinese, Japanese, Thai) has too few words: its n-grams are of characters
-    (n + 2 of them, about as long as n words)."""
+    mostly in a script written without spaces (Chinese, Japanese, Thai) has too few words: its n-grams are
+    of characters (n + 2 of them, about as long as n words). HTML tags are left out."""
+    text = re.sub(r"<[^<>\n]+>", " ", text)  # HTML table tags (`</td><td>`) repeat in any table: not a loop
     words = text.split()
-    if len(text) > 10 * len(words):
+    letters = [c for c in text if c.isalpha()]
+    if letters and sum(_unspaced_script(c) for c in letters) > len(letters) / 2:
         words, n = [c for c in text if not c.isspace()], n + 2
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     if len(grams) < 20:
