@@ -69,7 +69,8 @@ class Checkpoints:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
         tmp = self.path.with_suffix(".tmp")
-        # the random states too: dropout after a resume draws what it would have drawn without the stop
+        # the random states too: dropout after a resume draws what it would have drawn without the stop (the
+        # saving process's states: with several GPUs the other ranks' dropout resumes from fresh states)
         rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
