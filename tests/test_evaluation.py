@@ -54,6 +54,7 @@ def test_summary_reports_mean_median_clipped_and_loop_rate():
 def test_char_diff_marks_what_differs():
     assert char_diff("total 120", "total 12O") == "total 12<del>0</del><ins>O</ins>"
     assert char_diff("<b>", "<b>") == "&lt;b&gt;"
+    assert char_diff("a\nb", "a b", any_whitespace_equal=True) == "a b"  # what collapsed whitespace scores
 
 
 def fake_result(tmp_path):

@@ -36,12 +36,14 @@ ins { background: #d2f4d3; color: #055d20; text-decoration: none; }
 """
 
 
-def char_diff(reference: str, output: str) -> str:
-    """HTML of `output` against `reference`: equal text plain, reference-only <del>, output-only <ins>."""
+def char_diff(reference: str, output: str, any_whitespace_equal: bool = False) -> str:
+    """HTML of `output` against `reference`: equal text plain, reference-only <del>, output-only <ins>.
+    any_whitespace_equal: a line break against a space is no difference (the scores collapse whitespace)."""
     parts = []
     # rapidfuzz's Levenshtein alignment: the edits CER counts, and fast (difflib took 36 s on a 30k-character page)
     for op, a0, a1, b0, b1 in Levenshtein.opcodes(reference, output):
-        if op == "equal":
+        same_space = op == "replace" and reference[a0:a1].isspace() and output[b0:b1].isspace()
+        if op == "equal" or (same_space and any_whitespace_equal):
             parts.append(html.escape(output[b0:b1]))
             continue
         if a1 > a0:
@@ -90,6 +92,7 @@ def write_report(result: dict, out_path: str | Path, title: str = "ocr-finetune 
     worst = systems[-1]
     ordered = sorted(pages, key=lambda p: -(p[worst]["cer"] or 0))
     norm = result.get("normalization", {})
+    collapse = norm.get("collapse_whitespace", True)
     blocks = []
     for p in ordered:
         reference = display_text(p["reference"], **norm)
@@ -99,7 +102,7 @@ def write_report(result: dict, out_path: str | Path, title: str = "ocr-finetune 
             label = f'CER {scores["cer"]:.3f} · NED {scores["ned"]:.3f}' + (
                 f' · TEDS {scores["teds"]:.3f}' if "teds" in scores else "") + (" · LOOP" if scores["loop"] else "")
             texts.append(f'<div><h3>{s} <span class="score">{label}</span></h3>'
-                         f'<div class="text">{char_diff(reference, display_text(p[s]["output"], **norm))}</div></div>')
+                         f'<div class="text">{char_diff(reference, display_text(p[s]["output"], **norm), collapse)}</div></div>')
         image = p.get("image")
         img = f'<img src="{embedded_image(image)}" alt="{html.escape(p["doc"])} page {p["page"]}">' if image else ""
         blocks.append(f'<section class="page"><div><h3>{html.escape(p["doc"])} · page {p["page"]}</h3>{img}</div>'
