@@ -6,11 +6,12 @@ from common import params
 
 from ocr_finetune.distributed import process_rank, relaunch
 from ocr_finetune.tracking import start_run
-from ocr_finetune.train import train
+from ocr_finetune.train import final_loss, train
 
 p = params()
 relaunch(p.train.num_gpus, [__file__])  # train.num_gpus > 1: torchrun runs this script once per GPU
 with start_run(p.tracking, run_name=f"lora-{p.lora.mode}", params=p) as tracker:
     result = train(p, Path(p.data.dataset_dir) / "train.jsonl", tracker=tracker, metrics_dir="metrics")
 if process_rank() == 0:
-    print(f"train: {result.steps} steps, {result.trainable_params:,} trainable params, final loss {result.losses[-1]:.4f}")
+    print(f"train: {result.steps} steps, {result.trainable_params:,} trainable params, final loss "
+          f"{final_loss(result.losses):.4f} (mean of the last tenth of the steps)")

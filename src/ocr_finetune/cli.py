@@ -114,7 +114,7 @@ def cmd_infer(args):
 def cmd_train(args):
     from . import distributed
     from .tracking import start_run
-    from .train import train
+    from .train import final_loss, train
 
     params = _params(args)
     distributed.relaunch(params.train.num_gpus, ["-m", "ocr_finetune.cli", *args.argv])
@@ -127,7 +127,7 @@ def cmd_train(args):
     if distributed.process_rank() == 0:
             print(f"adapter saved to {result.adapter_dir} ({result.trainable_params:,} trainable parameters, "
               f"{result.steps} steps on {result.num_gpus} process(es), {result.pages_per_second:.2f} pages/s, "
-              f"final loss {result.losses[-1]:.4f})")
+              f"final loss {final_loss(result.losses):.4f}, the mean of the last tenth of the steps)")
     return 0
 
 

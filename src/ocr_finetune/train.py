@@ -424,7 +424,7 @@ def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = Non
         })
         if metrics_dir is not None:
             write_train_metrics(result, len(data), Path(metrics_dir))
-        tracker.log_metrics({"final_loss": losses[-1], "train_seconds": seconds,
+        tracker.log_metrics({"final_loss": final_loss(losses), "last_loss": losses[-1], "train_seconds": seconds,
                              "vision_feature_seconds": vision_feature_seconds,
                              "pages_per_second": result.pages_per_second})
         tracker.log_artifacts(out, artifact_path="adapter")
@@ -447,12 +447,18 @@ def peak_memory_gib(device: str) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
 
 
+def final_loss(losses: list[float]) -> float:
+    """The mean loss of the last tenth of the steps: one step's loss depends on which pages it drew."""
+    tail = losses[-max(1, len(losses) // 10):]
+    return sum(tail) / len(tail)
+
+
 def write_train_metrics(result: TrainResult, pages: int, metrics_dir: Path) -> None:
     metrics_dir.mkdir(parents=True, exist_ok=True)
-    tail = result.losses[-max(1, len(result.losses) // 10):]
     write_json(metrics_dir / "train.json", {
         "trainable_params": result.trainable_params, "steps": result.steps, "pages": pages,
-        "first_loss": round(result.losses[0], 4), "final_loss": round(sum(tail) / len(tail), 4),
+        "first_loss": round(result.losses[0], 4), "final_loss": round(final_loss(result.losses), 4),
+        "last_loss": round(result.losses[-1], 4),
         "seconds": round(result.seconds, 1), "pages_per_second": round(result.pages_per_second, 3),
         "num_gpus": result.num_gpus, "peak_memory_gib": result.peak_memory_gib,
     })
