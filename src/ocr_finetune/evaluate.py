@@ -44,8 +44,6 @@ def evaluate(params: Params, eval_jsonl: str | Path, adapter_dir: str | Path | N
         del model
 
     pages = score_pages(examples, outputs, ep)
-
-
     summary = {"pages": len(pages), "docs": len({p["doc"] for p in pages})}
     for name in systems:
         summary[name] = summarize_system([p[name] for p in pages])

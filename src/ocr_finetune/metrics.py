@@ -24,11 +24,9 @@ import jiwer
 from apted import APTED, Config
 from rapidfuzz.distance import Levenshtein
 
-from .teachers.quality import repeat_fraction
+from .teachers.quality import HTML_TAG, repeat_fraction
 
 
-# Only what is markup in any reading: tags start with a letter and stay on one line ("x < 5 ... y > 3" is text)
-_HTML_TAG = re.compile(r"</?[A-Za-z][^<>\n]*>")
 _TABLE_RULE = re.compile(r"\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*")
 # Emphasis only at word edges (CommonMark's rule for `_`, applied to `*` too): `my_func_name`, `2*3*4` are text;
 # ASCII word edges only: `**注意**事项` is bold
@@ -60,7 +58,7 @@ def _strip_emphasis(line: str) -> str:
 def strip_markdown(text: str) -> str:
     """The text without Markdown syntax: headings, emphasis, bullets, table pipes and rules, links, HTML tags.
     What is printed on the page stays: ordered-list numbers, `_` and `*` inside words, math."""
-    text = _HTML_TAG.sub(" ", text)  # HTML tags (tables written as HTML)
+    text = HTML_TAG.sub(" ", text)  # HTML tags (tables written as HTML)
     text = re.sub(r"!\[([^\]]*)\]\([^)]*\)|\[([^\]]*)\]\([^)]*\)", lambda m: m.group(1) or m.group(2) or "", text)
     lines = []
     for line in text.split("\n"):

@@ -32,6 +32,10 @@ def clean_output(text: str) -> str:
     return text.strip()
 
 
+# an HTML tag: a letter after `<`, on one line ("x < 5 ... y > 3" is text)
+HTML_TAG = re.compile(r"</?[A-Za-z][^<>\n]*>")
+
+
 def _unspaced_script(c: str) -> bool:
     """Chinese, Japanese, Korean (wide) or Thai, Lao, Khmer, Myanmar: scripts written without word spaces."""
     return unicodedata.east_asian_width(c) in "WF" or "\u0e00" <= c <= "\u0eff" or "\u1780" <= c <= "\u17ff" or (
@@ -42,7 +46,7 @@ def repeat_fraction(text: str, n: int = 8) -> float:
     """Share of word n-grams that repeat an earlier one: ~0 for prose and tables, near 1 for a loop. Text
     mostly in a script written without spaces (Chinese, Japanese, Thai) has too few words: its n-grams are
     of characters (n + 2 of them, about as long as n words). HTML tags are left out."""
-    text = re.sub(r"<[^<>\n]+>", " ", text)  # HTML table tags (`</td><td>`) repeat in any table: not a loop
+    text = HTML_TAG.sub(" ", text)  # HTML table tags (`</td><td>`) repeat in any table: not a loop
     words = text.split()
     letters = [c for c in text if c.isalpha()]
     if letters and sum(_unspaced_script(c) for c in letters) > len(letters) / 2:
