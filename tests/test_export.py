@@ -103,3 +103,16 @@ def test_export_command(tmp_path, tiny_dir, models_cache):
         assert r.returncode == 0, r.stderr[-2000:]
         assert f"as {fmt}" in r.stdout and (tmp_path / fmt / "adapter_config.json" if fmt == "vllm-lora"
                                              else tmp_path / fmt / "config.json").is_file()
+
+
+def test_a_missing_or_damaged_adapter_is_named_in_one_line(tmp_path, tiny_dir):
+    """`export --format vllm-lora` of a folder without an adapter said only 'No such file ...'; a damaged
+    weight file was a SafetensorError traceback."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no adapter in .*run `train` first"):
+        export_vllm_lora(tmp_path / "empty", tmp_path / "out")
+    adapter = trained_adapter("deepseek-ocr2", tiny_dir, tmp_path / "adapter", "llm")
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
+    with pytest.raises(ValueError, match="cannot be read"):
+        export_vllm_lora(adapter, tmp_path / "out")

@@ -16,9 +16,9 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .lora import ADAPTER_WEIGHTS, load_adapter
+from .lora import ADAPTER_WEIGHTS, adapter_weights, load_adapter, read_adapter_tensors
 from .models.base import write_json
 from .params import Params
 from .train import RUN_INFO, adapter_params, load_base, read_run_info
@@ -51,8 +51,8 @@ def export_merged(params: Params, adapter_dir: str | Path, out_dir: str | Path,
 
 def export_vllm_lora(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    weights = read_adapter_tensors(adapter_weights(adapter_dir))
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    weights = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
     outside = sorted(k for k in weights if ".language_model." not in k)
     if outside or config.get("target_parameters"):
         raise ValueError(f"{adapter_dir}: vLLM serves LoRA on the language model's linear layers only; this adapter "

@@ -71,6 +71,21 @@ def lora_modules(model) -> list[str]:
     return names
 
 
+def adapter_weights(adapter_dir: Path) -> Path:
+    """The adapter's weight file, or a one-line error saying what is missing."""
+    for name in (ADAPTER_WEIGHTS, "adapter_config.json"):
+        if not (adapter_dir / name).is_file():
+            raise FileNotFoundError(f"no adapter in {adapter_dir} ({name} missing): run `train` first")
+    return adapter_dir / ADAPTER_WEIGHTS
+
+
+def read_adapter_tensors(weights: Path) -> dict:
+    try:
+        return load_file(str(weights))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError for a damaged file
+        raise ValueError(f"{weights} cannot be read ({type(e).__name__}: {e}); train again or restore it") from None
+
+
 def load_adapter(base_model, adapter_dir: str | Path, compute: str = "model_dtype") -> PeftModel:
     """Load a saved adapter onto a base model and check every adapter tensor landed.
 
@@ -80,15 +95,13 @@ def load_adapter(base_model, adapter_dir: str | Path, compute: str = "model_dtyp
     and loading the tensors under their in-memory names is exact, and missing keys are an error here.
     """
     adapter_dir = Path(adapter_dir)
-    weights = adapter_dir / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise FileNotFoundError(f"no adapter in {adapter_dir} ({ADAPTER_WEIGHTS} missing): run `train` first")
+    weights = adapter_weights(adapter_dir)
     config = PeftConfig.from_pretrained(adapter_dir)
     config.inference_mode = True
     model = get_peft_model(base_model, config)
     if compute == "model_dtype":
         compute_in_model_dtype(model)
-    saved = load_file(str(weights))
+    saved = read_adapter_tensors(weights)
     state = model.state_dict()
     renamed = {}
     for key, value in saved.items():
