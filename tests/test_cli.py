@@ -76,6 +76,7 @@ def test_pdf2img_train_evaluate_infer_and_mlflow(tmp_path, models_cache, tiny_di
     result = json.loads((tmp_path / "results.json").read_text())
     assert set(result["summary"]) >= {"base", "finetuned"} and result["pages"]
     assert all(0 <= p["base"]["cer"] and 0 <= p["finetuned"]["ned"] <= 1 for p in result["pages"])
+    assert all({"base_cer", "base_wer", "finetuned_wer", "finetuned_ned"} <= set(r) for r in result["per_doc"])
     assert result["model"] == {"family": "deepseek-ocr2", "base": str(snapshot), "resolution": "nocrop"}
     # params.yaml asking for another resolution: base and fine-tuned both read the pages as the adapter was trained
     from ocr_finetune.evaluate import evaluate

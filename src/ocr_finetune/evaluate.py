@@ -57,7 +57,7 @@ def evaluate(params: Params, eval_jsonl: str | Path, adapter_dir: str | Path | N
     for p in pages:
         per_doc[p["doc"]].append(p)
     doc_rows = [{"doc": doc, **{f"{name}_{k}": round(statistics.fmean(r[name][k] for r in rows), 4)
-                                for name in systems for k in ("cer", "cer_clipped", "ned")}}
+                                for name in systems for k in ("cer", "cer_clipped", "wer", "ned")}}
                 for doc, rows in sorted(per_doc.items())]
     result = {"summary": summary, "per_doc": doc_rows, "pages": pages, "normalization": normalization(ep),
               "model": {k: getattr(params.model, k) for k in ("family", "base", "resolution")}}
