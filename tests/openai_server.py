@@ -6,7 +6,8 @@ drop (close the connection without a reply) | badjson (200, body not JSON) | noc
 loop (a looping answer) | length (finish_reason=length) | 401 (a gateway that echoes the key it refused) |
 parts (content as a list of parts) | refusal (content null, refusal set) | think (<think> before the answer) |
 fence (a preamble line, then the answer in a ```markdown fence) | filter (finish_reason=content_filter) |
-quota (429 insufficient_quota) | 400long (a 400 whose long message ends with the key).
+quota (429 insufficient_quota) | 400long (a 400 whose long message ends with the key) | trickle (the
+answer 16 bytes at a time, 0.3 s apart: every read is quick, the whole takes ~7 s).
 After the script, requests are answered `ok`. `bodies` keeps every request's JSON body.
 """
 
@@ -136,6 +137,17 @@ class ScriptedOpenAI:
                                   {"index": 0, "message": message, "finish_reason": finish}],
                               "usage": {"prompt_tokens": 100, "completion_tokens": 20,
                                         "total_tokens": 120}}
-                return self.reply(200, json.dumps(completion).encode())
+                data = json.dumps(completion).encode()
+                if action == "trickle":  # the whole reply, 16 bytes every 0.3 s: no read waits a second
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    for i in range(0, len(data), 16):
+                        self.wfile.write(data[i:i + 16])
+                        self.wfile.flush()
+                        time.sleep(0.3)
+                    return None
+                return self.reply(200, data)
 
         return Handler

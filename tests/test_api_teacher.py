@@ -208,6 +208,19 @@ def test_answers_of_other_servers_become_labels_or_say_why_not(tmp_path):
         assert labels[5].status == "degenerate" and "content filter" in labels[5].reason
 
 
+def test_a_server_that_trickles_its_answer_is_cut_at_the_deadline_and_asked_again(tmp_path):
+    """Each read came within the 1 s timeout, so a trickling reply held its page for as long as it liked
+    (86 s seen with timeout 2): teacher.api.deadline bounds the whole request; it is then retried."""
+    pages = make_pages(tmp_path / "pages", {"doc": 1})
+    key = image_id(pages[0].image)
+    with ScriptedOpenAI({key: ["trickle"]}) as server:
+        start = time.monotonic()
+        labels = list(ApiTeacher(config(server, deadline=1.5), PROMPT, tmp_path / "cache").label(pages))
+        elapsed = time.monotonic() - start
+    assert labels[0].status == "labeled" and server.requests[key] == 2
+    assert elapsed < 5, elapsed
+
+
 def test_identical_pages_share_one_request(tmp_path):
     """Blank pages and repeated covers have the same bytes: 12 of them went out 12 times, and threads writing
     the same cache entry at once crashed the run."""

@@ -71,7 +71,8 @@ class ApiTeacherParams(_Section):
     model_name: str = "deepseek-ai/DeepSeek-OCR"
     api_key_env: str = "OPENAI_API_KEY"  # the NAME of the environment variable holding the key
     concurrent_requests: int = Field(8, ge=1, le=256)
-    timeout: float = Field(120.0, gt=0)  # seconds per request
+    timeout: float = Field(120.0, gt=0)  # seconds the server may stay silent (per read)
+    deadline: float | None = Field(600.0, gt=0)  # seconds one request may take in all, however it trickles; null: none
     max_retries: int = Field(5, ge=0, le=20)
     backoff: float = Field(1.0, gt=0)  # first retry waits ~this many seconds, doubling each time, with jitter
     max_backoff: float = Field(60.0, gt=0)

@@ -33,6 +33,34 @@ class BadReply(Exception):
     """A 200 reply that is not a usable chat completion."""
 
 
+class PastDeadline(Exception):
+    """No complete answer within teacher.api.deadline (retried like a timeout)."""
+
+
+def within(seconds: float | None, call):
+    """call() if it returns within `seconds`, else PastDeadline. httpx's timeouts bound each read, not the
+    whole answer, so a server that trickles a byte now and then holds a page forever; no client option sets
+    a total, hence this. The call runs on in a daemon thread and its late answer is dropped."""
+    if seconds is None:
+        return call()
+    box = {}
+
+    def run():
+        try:
+            box["value"] = call()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller as it is
+            box["error"] = e
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise PastDeadline(f"no complete answer within teacher.api.deadline={seconds:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 class TeacherSetupError(ValueError):
     """The server refuses every request (wrong key, no access, unknown model, no quota): asking for the other
     pages would only fail the same way, so the run stops with the server's message."""
@@ -123,7 +151,9 @@ class ApiTeacher:
         if c.temperature is not None:
             options["temperature"] = c.temperature
         try:
-            reply = self.client.chat.completions.create(model=c.model_name, messages=self.messages(image), **options)
+            messages = self.messages(image)
+            reply = within(c.deadline, lambda: self.client.chat.completions.create(
+                model=c.model_name, messages=messages, **options))
         except json.JSONDecodeError as e:  # openai 3.x raises this raw for a 200 body that is not JSON
             raise BadReply(f"reply is not JSON ({e})") from None
         if not getattr(reply, "choices", None):
@@ -151,7 +181,7 @@ class ApiTeacher:
             self.usage.add(requests=1, retries=1 if attempt else 0)
             try:
                 return self.request(image)
-            except (openai.APIStatusError, openai.APIConnectionError, BadReply) as e:  # timeouts are connection errors
+            except (openai.APIStatusError, openai.APIConnectionError, BadReply, PastDeadline) as e:  # timeouts are connection errors
                 self.usage.error(type(e).__name__)
                 status = getattr(e, "status_code", None)
                 fatal = FATAL_STATUS.get(status)
