@@ -169,5 +169,6 @@ def test_tracking_that_cannot_be_reached_is_one_line_and_one_that_goes_away_cost
         tracker.log_metric("loss", 0.5, step=1)
         assert tracker.failed
     assert mlflow.active_run() is None  # closing it failed with a warning, not an exception
-    assert run_exists(TrackingParams(tracking_uri=store), tracker.run_id)
-    assert not run_exists(TrackingParams(tracking_uri=store), "0" * 32)
+    assert run_exists(TrackingParams(tracking_uri=store), tracker.run_id) is None
+    assert "not in this tracking store" in run_exists(TrackingParams(tracking_uri=store), "0" * 32)
+    assert "cannot be read" in run_exists(TrackingParams(tracking_uri="http://127.0.0.1:9"), "0" * 32)

@@ -194,6 +194,10 @@ def test_tables_are_scored_after_the_same_normalisation_and_found_without_outer_
     assert page_scores(table, unicodedata.normalize("NFD", table))["teds"] == 1.0
     assert teds(table, "이름 | 금액\n--- | ---\n회의록 | 12") == 1.0
     assert teds(TABLE, "item | qty\n--- | ---\npens | 12\nink | 3") == 1.0
+    # a merged header read as two cells is a structure error: rename (span differs) + insert, of 8 nodes
+    merged = '<table><tr><td colspan="2">Revenue</td></tr><tr><td>2023</td><td>2024</td></tr></table>'
+    split = "<table><tr><td>Revenue</td><td></td></tr><tr><td>2023</td><td>2024</td></tr></table>"
+    assert teds(merged, merged) == 1.0 and teds(merged, split) == 1 - 2 / 8
     # past the cell budget a table is scored by rows: still 1 when equal, below 1 when a cell differs
     rows = TEDS_MAX_CELLS // 4 + 10
     big = "| a | b | c | d |\n|---|---|---|---|\n" + "\n".join(f"| {r} | x{r} | y{r} | z{r} |" for r in range(rows))

@@ -108,9 +108,10 @@ def evaluate_adapter(params: Params, eval_jsonl: str | Path, adapter_dir: str | 
     from .train import read_run_info
 
     run_id = read_run_info(adapter_dir).get("mlflow_run_id") if adapter_dir is not None else None
-    if run_id is not None and params.tracking.enabled and not run_exists(params.tracking, run_id):
-        print(f"note: the adapter's MLflow run {run_id} is not in this tracking store (trained elsewhere, or the "
-              "store was replaced): the scores are written under metrics/ only", flush=True)
+    missing = run_exists(params.tracking, run_id) if run_id is not None and params.tracking.enabled else None
+    if missing:
+        print(f"note: the adapter's MLflow run {run_id} {missing}: the scores are written under metrics/ only",
+              flush=True)
         run_id = None
     if run_id is None:
         return evaluate(params, eval_jsonl, adapter_dir, metrics_dir, None, progress, prompt)

@@ -137,7 +137,8 @@ def _tiff_frames(path: Path, doc: str, frames_dir: Path) -> list[tuple[int, Path
                 frame.convert("RGBA" if "A" in frame.mode else "RGB").save(target)  # CMYK has no PNG
                 out.append((i, target))
             return out
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        print(f"note: {path}: its pages could not be split ({type(e).__name__}: {e}); read as one page", flush=True)
         return []
 
 

@@ -124,14 +124,21 @@ def ned(reference: str, hypothesis: str, **norm) -> float:
 
 # ---------------------------------------------------------------- tables (TEDS)
 
+class Cell(str):
+    """A table cell's text, with its HTML spans (1 and 1 for Markdown, which has none)."""
+
+    colspan: int = 1
+    rowspan: int = 1
+
+
 class _Node:
-    def __init__(self, tag: str, text: str = ""):
-        self.tag, self.text, self.children = tag, text, []
+    def __init__(self, tag: str, text: str = "", spans: tuple[int, int] = (1, 1)):
+        self.tag, self.text, self.spans, self.children = tag, text, spans, []
 
 
 class _TableConfig(Config):
     def rename(self, a, b):
-        if a.tag != b.tag:
+        if a.tag != b.tag or a.spans != b.spans:  # a merged cell against two is a structure error (as in TEDS)
             return 1.0
         if a.tag == "td":  # cells: how different their contents are
             return Levenshtein.normalized_distance(a.text, b.text)
@@ -176,11 +183,14 @@ def _html_tables(text: str) -> list[list[list[str]]]:
                 self.row = []
                 self.tables[-1].append(self.row)
             elif tag in ("td", "th") and self.row is not None:
-                self.cell = []
+                self.cell, self.spans = [], {k: v for k, v in attrs if k in ("colspan", "rowspan")}
 
         def handle_endtag(self, tag):
             if tag in ("td", "th") and self.cell is not None:
-                self.row.append(" ".join("".join(self.cell).split()))
+                cell = Cell(" ".join("".join(self.cell).split()))
+                for key, value in self.spans.items():
+                    setattr(cell, key, int(value) if (value or "").strip().isdigit() else 1)
+                self.row.append(cell)
                 self.cell = None
 
         def handle_data(self, data):
@@ -198,7 +208,9 @@ def _tree(tables: list[list[list[str]]], cells_as_rows: bool = False) -> _Node:
         t = _Node("table")
         for row in table:
             tr = _Node("tr")
-            tr.children = [_Node("td", " | ".join(row))] if cells_as_rows else [_Node("td", cell) for cell in row]
+            tr.children = ([_Node("td", " | ".join(row))] if cells_as_rows else
+                           [_Node("td", cell, (getattr(cell, "colspan", 1), getattr(cell, "rowspan", 1)))
+                            for cell in row])
             t.children.append(tr)
         root.children.append(t)
     return root
@@ -212,9 +224,13 @@ TEDS_MAX_CELLS = 600
 def teds(reference: str, hypothesis: str, **norm) -> float | None:
     """1 - tree edit distance / size of the larger tree, over all tables of the page, cells normalised as the
     text is; None without a reference table."""
+    def normalized(cell):
+        out = Cell(normalize_text(cell, **{**norm, "collapse_whitespace": True}))
+        out.colspan, out.rowspan = getattr(cell, "colspan", 1), getattr(cell, "rowspan", 1)
+        return out
+
     def tables(text):
-        return [[[normalize_text(cell, **{**norm, "collapse_whitespace": True}) for cell in row] for row in table]
-                for table in markdown_tables(text)]
+        return [[[normalized(cell) for cell in row] for row in table] for table in markdown_tables(text)]
 
     ref_tables = tables(reference)
     if not ref_tables:

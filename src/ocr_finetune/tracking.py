@@ -93,18 +93,23 @@ class Tracker:
         self._safely(mlflow.set_tags, {k: str(v) for k, v in tags.items() if v is not None})
 
 
-def run_exists(tracking: TrackingParams, run_id: str) -> bool:
-    """Whether the store holds this run (an adapter trained on another machine, or before mlflow.db was
-    deleted, names a run that is not here)."""
+def run_exists(tracking: TrackingParams, run_id: str) -> str | None:
+    """None if the store holds this run, else why not (an adapter trained on another machine, or before
+    mlflow.db was deleted, names a run that is not here; or the store cannot be reached)."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     if tracking.tracking_uri:
         mlflow.set_tracking_uri(tracking.tracking_uri)
     try:
         mlflow.get_run(run_id)
-        return True
-    except Exception:  # noqa: BLE001 - not found, or no store to ask
-        return False
+        return None
+    except MlflowException as e:
+        if getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            return "is not in this tracking store (trained elsewhere, or the store was replaced)"
+        return f"cannot be read from the tracking store ({str(e)[:200]})"
+    except Exception as e:  # noqa: BLE001 - no store to ask (connection, OS errors)
+        return f"cannot be read from the tracking store ({type(e).__name__}: {str(e)[:200]})"
 
 
 @contextmanager
