@@ -156,7 +156,7 @@ def test_tracking_that_cannot_be_reached_is_one_line_and_one_that_goes_away_cost
     import pytest
 
     from ocr_finetune.params import TrackingParams
-    from ocr_finetune.tracking import TrackingError, run_exists, start_run
+    from ocr_finetune.tracking import TrackingError, start_run, why_run_unavailable
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with pytest.raises(TrackingError, match="tracking.enabled=false"):
@@ -169,6 +169,6 @@ def test_tracking_that_cannot_be_reached_is_one_line_and_one_that_goes_away_cost
         tracker.log_metric("loss", 0.5, step=1)
         assert tracker.failed
     assert mlflow.active_run() is None  # closing it failed with a warning, not an exception
-    assert run_exists(TrackingParams(tracking_uri=store), tracker.run_id) is None
-    assert "not in this tracking store" in run_exists(TrackingParams(tracking_uri=store), "0" * 32)
-    assert "cannot be read" in run_exists(TrackingParams(tracking_uri="http://127.0.0.1:9"), "0" * 32)
+    assert why_run_unavailable(TrackingParams(tracking_uri=store), tracker.run_id) is None
+    assert "not in this tracking store" in why_run_unavailable(TrackingParams(tracking_uri=store), "0" * 32)
+    assert "cannot be read" in why_run_unavailable(TrackingParams(tracking_uri="http://127.0.0.1:9"), "0" * 32)

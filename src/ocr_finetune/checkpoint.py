@@ -21,10 +21,6 @@ from .dataset import read_jsonl
 from .params import Params
 
 STATE = "state.pt"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that exists but cannot be used."""
 # Settings that do not change what is computed, only where it runs or what is written.
 NOT_FINGERPRINTED = {"output_dir", "log_every", "save_every", "checkpoint_dir", "resume", "num_gpus", "device",
                      # how fast and in how much memory, not what is computed: a run that ran out of memory
@@ -32,6 +28,10 @@ NOT_FINGERPRINTED = {"output_dir", "log_every", "save_every", "checkpoint_dir", 
                      "gradient_checkpointing", "compile", "loss_chunk", "cache_vision_features"}
 MODEL_NOT_FINGERPRINTED = {"fused_sam_attention", "sam_attention_kernel", "adaptive_experts", "vision_batch",
                            "allow_download"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that exists but cannot be used."""
 
 
 def fingerprint(params: Params, train_jsonl: str | Path) -> str:

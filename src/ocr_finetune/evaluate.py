@@ -104,11 +104,13 @@ def score_pages(examples: list, outputs: dict[str, list[str]], ep) -> list[dict]
 def evaluate_adapter(params: Params, eval_jsonl: str | Path, adapter_dir: str | Path | None,
                      metrics_dir: str | Path | None = None, prompt: str | None = None, progress: bool = True) -> dict:
     """evaluate(), with the scores logged to the MLflow run that trained the adapter (when it has one)."""
-    from .tracking import run_exists, start_run
+    from .tracking import start_run, why_run_unavailable
     from .train import read_run_info
 
     run_id = read_run_info(adapter_dir).get("mlflow_run_id") if adapter_dir is not None else None
-    missing = run_exists(params.tracking, run_id) if run_id is not None and params.tracking.enabled else None
+    missing = None
+    if run_id is not None and params.tracking.enabled:
+        missing = why_run_unavailable(params.tracking, run_id)
     if missing:
         print(f"note: the adapter's MLflow run {run_id} {missing}: the scores are written under metrics/ only",
               flush=True)

@@ -28,6 +28,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _within(folder: Path, other: Path) -> bool:
+    """`folder` is `other` or inside it (after resolving both)."""
+    return folder.resolve().is_relative_to(other.resolve())
+
+
 class DataParams(_Section):
     pdf_dir: str = "data/samples/pdfs"
     truth_dir: str | None = "data/samples/truth"  # ground truth per page, if the user has any
@@ -41,10 +46,9 @@ class DataParams(_Section):
         # or ground truth would take them along
         inputs = {"data.pdf_dir": self.pdf_dir, **({"data.truth_dir": self.truth_dir} if self.truth_dir else {})}
         for out_key in ("pages_dir", "labels_dir", "dataset_dir"):
-            out = Path(getattr(self, out_key)).resolve()
+            out = Path(getattr(self, out_key))
             for in_key, folder in inputs.items():
-                src = Path(folder).resolve()
-                if src == out or out in src.parents:
+                if _within(Path(folder), out):
                     raise ValueError(f"data.{out_key} ({getattr(self, out_key)}) holds {in_key} ({folder}); the "
                                      f"pipeline empties data.{out_key}, so give it a folder of its own")
         return self
@@ -225,8 +229,7 @@ class TrainParams(_Section):
             if os.path.normpath(getattr(self, key) or ".") == ".":
                 raise ValueError(f"{key} {getattr(self, key)!r}: name a folder of its own (e.g. models/adapter), "
                                  "not the project folder")
-        out, ckpt = Path(self.output_dir).resolve(), Path(self.checkpoint_dir).resolve()
-        if ckpt == out or ckpt.is_relative_to(out):
+        if _within(Path(self.checkpoint_dir), Path(self.output_dir)):
             raise ValueError("checkpoint_dir may not be output_dir or inside it: `dvc repro` deletes the adapter "
                              "folder before training, and the checkpoints to resume from would go with it")
         if self.batch_size % self.num_gpus:

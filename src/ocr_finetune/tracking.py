@@ -53,11 +53,14 @@ class Tracker:
         self.run = run
         self.failed = False
 
-    def _safely(self, log, *args, **kwargs):
+    def _safely(self, name: str, *args, **kwargs):
+        """mlflow.<name>(...) while the run is on; mlflow is not imported at all with tracking off."""
         if not self.run or self.failed:
             return
+        import mlflow
+
         try:
-            log(*args, **kwargs)
+            getattr(mlflow, name)(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - MLflow raises its own, requests' and OS errors alike
             self.failed = True
             print(f"warning: MLflow logging stopped ({type(e).__name__}: {str(e)[:200]}); the run goes on, "
@@ -68,32 +71,22 @@ class Tracker:
         return self.run.info.run_id if self.run else None
 
     def log_metric(self, key: str, value: float, step: int | None = None):
-        import mlflow
-
-        self._safely(mlflow.log_metric, key, value, step=step)
+        self._safely("log_metric", key, value, step=step)
 
     def log_metrics(self, metrics: dict, step: int | None = None):
-        import mlflow
-
-        self._safely(mlflow.log_metrics, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        self._safely("log_metrics", {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
     def log_artifacts(self, path: str | Path, artifact_path: str | None = None):
-        import mlflow
-
-        self._safely(mlflow.log_artifacts, str(path), artifact_path=artifact_path)
+        self._safely("log_artifacts", str(path), artifact_path=artifact_path)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None):
-        import mlflow
-
-        self._safely(mlflow.log_artifact, str(path), artifact_path=artifact_path)
+        self._safely("log_artifact", str(path), artifact_path=artifact_path)
 
     def set_tags(self, tags: dict):
-        import mlflow
-
-        self._safely(mlflow.set_tags, {k: str(v) for k, v in tags.items() if v is not None})
+        self._safely("set_tags", {k: str(v) for k, v in tags.items() if v is not None})
 
 
-def run_exists(tracking: TrackingParams, run_id: str) -> str | None:
+def why_run_unavailable(tracking: TrackingParams, run_id: str) -> str | None:
     """None if the store holds this run, else why not (an adapter trained on another machine, or before
     mlflow.db was deleted, names a run that is not here; or the store cannot be reached)."""
     import mlflow
