@@ -27,7 +27,8 @@ from ocr_finetune.models import get_family
 from ocr_finetune.models.base import load_image
 from ocr_finetune.params import validate_params
 from ocr_finetune.compiled import compile_layers
-from ocr_finetune.train import batch_loss, detach_lm_head, enable_checkpointing, pad_batch, to_device
+from ocr_finetune.data import pad_batch, to_device
+from ocr_finetune.train import batch_loss, detach_lm_head, enable_checkpointing
 
 VIEW_KEYS = ("pixel_values", "pixel_values_local", "num_local_patches")
 

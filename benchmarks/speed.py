@@ -36,7 +36,8 @@ from ocr_finetune.models.base import load_image
 from ocr_finetune.models import moe
 from ocr_finetune.models.moe import use_adaptive_experts
 from ocr_finetune.params import ModelParams, validate_params
-from ocr_finetune.train import to_device, train
+from ocr_finetune.data import to_device
+from ocr_finetune.train import train
 
 
 # Cumulative: each lever adds to the ones above it; the last line of a mode is the product's default.
@@ -90,10 +91,8 @@ def train_runs(base: Path, data: Path, work: Path, steps: int, configs, levers: 
             pages = len(read_jsonl(data))
             record({"lever": lever, "mode": mode, "batch": batch, "checkpointing": ckpt,
                     "pages_per_second": round(r.pages_per_second, 2), "peak_gib": r.peak_memory_gib,
-                    # one epoch including the vision-feature pass (zero without the cache)
-                    "epoch_pages_per_second": round(pages / (pages / r.pages_per_second + r.vision_feature_seconds),
-                                                    2),
-                    "vision_feature_seconds": round(r.vision_feature_seconds, 2),
+                    # the whole loop (first steps, data waits and, in mode llm, the towers' first pass)
+                    "whole_pages_per_second": round(r.whole_pages_per_second, 2), "pages": pages,
                     "loss_first": round(r.losses[0], 4), "loss_last": round(r.losses[-1], 4)})
             del r
         except torch.OutOfMemoryError:

@@ -1,7 +1,7 @@
 """LoRA training speed of Unsloth on full-size DeepSeek-OCR-2, for comparison with this project's backend.
 
 Unsloth pins transformers <= 5.17, so this runs in its own environment (benchmarks/unsloth_site.sh builds
-it) and imports from this project only the input building (the dataset reader, the OCR-2 family's encoding and `train.pad_batch`,
+it) and imports from this project only the input building (the dataset reader, the OCR-2 family's encoding and `data.pad_batch`,
 which work on 5.17): both backends see the same pages, tokens and labels as `train()`. The loop is the same for both
 backends (AdamW, bf16, fixed batches), so it times what Unsloth changes: its patched model, LoRA layers and
 gradient checkpointing. `--backend plain` is transformers + PEFT in the same environment, as a reference.
@@ -28,7 +28,7 @@ import torch
 from ocr_finetune.dataset import read_jsonl
 from ocr_finetune.models import deepseek_ocr2 as family
 from ocr_finetune.models.base import load_image
-from ocr_finetune.train import pad_batch, to_device
+from ocr_finetune.data import pad_batch, to_device
 
 
 def batch_inputs(processor, data: Path, batch: int, device: str, dtype: torch.dtype) -> dict:

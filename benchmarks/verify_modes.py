@@ -25,7 +25,9 @@ from ocr_finetune.lora import load_adapter
 from ocr_finetune.models import get_family
 from ocr_finetune.models.base import load_image
 from ocr_finetune.params import validate_params
-from ocr_finetune.train import load_base, pad_batch, to_device, train
+from ocr_finetune.data import pad_batch, to_device
+from ocr_finetune.loading import load_base
+from ocr_finetune.train import train
 
 
 def verify(mode: str, base: Path, data: Path, work: Path, args) -> dict:

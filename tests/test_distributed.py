@@ -25,14 +25,22 @@ def test_two_processes_train_what_one_trains(tmp_path, models_cache, sample_data
         out.mkdir()
         params = small_params(out, models_cache, lora={"mode": mode},
                               train={"num_gpus": n, "device": "cpu", "batch_size": 4, "max_steps": 3,
-                                     "max_label_tokens": 160, "learning_rate": 1e-3})
+                                     "max_label_tokens": 160, "learning_rate": 1e-3,
+                                     "feature_cache_dir": str(out / "feature_cache")})
         stdout = cli("train", "--params", params, "--dataset", sample_dataset, "--output", out / "adapter",
                      "--metrics-dir", out / "metrics")
         runs[n] = out
         assert f"on {n} process(es)" in stdout
         if n == 2:
             assert "torch.distributed.run" in stdout and "--nproc_per_node=2" in stdout
+        if mode == "llm":  # each page's features computed by one process and stored once in the shared cache
+            cache = sorted(p.name for p in (out / "feature_cache").glob("*/*.safetensors"))
+            assert len(cache) == len(set(cache)) > 0
+            runs_cache = runs.setdefault("cache", [])
+            runs_cache.append(cache)
 
+    if mode == "llm":  # the same pages, the same model: the same cache entries from 1 and 2 processes
+        assert runs["cache"][0] == runs["cache"][1]
     one, two = losses(runs[1] / "metrics" / "train_loss.csv"), losses(runs[2] / "metrics" / "train_loss.csv")
     assert len(one) == len(two) == 3
     # Same global batch, token-weighted loss: the curves agree to float rounding, not just in trend.
@@ -59,55 +67,25 @@ def test_batch_must_split_evenly_over_gpus():
         validate_params({"train": {"batch_size": 3, "num_gpus": 2}})
 
 
-def _feature_worker(rank: int, world: int, path: str, port: int, out: str) -> None:
-    import os
-
-    from PIL import Image, ImageDraw
-
-    from ocr_finetune.distributed import Dist
-    from ocr_finetune.lora import attach_lora_from_params
+def test_each_process_prepares_only_its_share_of_every_micro_batch(tmp_path, tiny_dir, sample_dataset):
+    """Under DDP each rank's loader reads only its pages of each micro-batch: together the ranks cover every
+    micro-batch of the plan exactly once, in the plan's order."""
+    from ocr_finetune.data import TrainPages, step_plan, train_batches
+    from ocr_finetune.dataset import JsonlPages
     from ocr_finetune.models import get_family
-    from ocr_finetune.params import LoraParams
-    from ocr_finetune.train import cache_vision_features
 
-    if world > 1:  # a spawned process: its environment is its own
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     family = get_family("deepseek-ocr2")
-    processor = family.load_processor(path, "nocrop")  # one view a page: images through the tower = pages
-    pages = []
-    for i in range(5):
-        im = Image.new("RGB", (300, 400), "white")
-        ImageDraw.Draw(im).rectangle([20, 20 + 40 * i, 280, 60 + 40 * i], fill="black")
-        pages.append(family.encode_example(processor, im, "<image>\nFree OCR.", f"line {i}", 16))
-    torch.manual_seed(0)
-    model = attach_lora_from_params(family.load_model(path, torch.float32, "cpu"), family, LoraParams(mode="llm"))
-    patch_embed = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels == 3)
-    images = []
-    patch_embed.register_forward_pre_hook(lambda _, args: images.append(args[0].shape[0]))
-    cache_vision_features(model, family, pages, 1, "cpu", torch.float32, False, Dist(rank, rank, world))
-    torch.save({"images": sum(images), "features": [p.features for p in pages]}, f"{out}/{world}-{rank}.pt")
-    if world > 1:
-        torch.distributed.destroy_process_group()
-
-
-def test_vision_feature_pass_is_shared_between_processes(tmp_path, tiny_dir):
-    """Mode llm under DDP: each of 2 processes runs the towers on its own pages only (3 and 2 of 5), and
-    both end with every page's features, equal to those of one process."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    _feature_worker(0, 1, str(tiny_dir), 0, str(tmp_path))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_feature_worker, args=(2, str(tiny_dir), port, str(tmp_path)), nprocs=2)
-    alone = torch.load(tmp_path / "1-0.pt")
-    shared = [torch.load(tmp_path / f"2-{r}.pt") for r in (0, 1)]
-    assert alone["images"] == 5
-    assert [s["images"] for s in shared] == [3, 2]
-    for s in shared:
-        assert len(s["features"]) == 5
-        for a, b in zip(alone["features"], s["features"]):
-            assert torch.allclose(a, b, atol=1e-5)
+    processor = family.load_processor(tiny_dir, "nocrop")
+    records = JsonlPages(sample_dataset)
+    dataset = TrainPages(records, family, processor, torch.float32, 32)
+    plan = step_plan(len(records), 4, 2, steps=3, seed=0)
+    seen = {}
+    for rank in (0, 1):
+        batches = list(train_batches(dataset, plan, rank, 2, processor.tokenizer.pad_token_id, True, workers=1,
+                                     pin_memory=False))
+        seen[rank] = [[x.index for x in mb.pages] for mb in batches]
+        assert [mb.last_of_step for mb in batches] == [False, True] * 3
+        assert all(mb.tensors["input_ids"].shape[0] == 2 for mb in batches)
+    micro = [mb for step in plan for mb in step]
+    assert [sorted(a + b) for a, b in zip(seen[0], seen[1])] == [sorted(mb) for mb in micro]
+    assert all(a == mb[0::2] and b == mb[1::2] for a, b, mb in zip(seen[0], seen[1], micro))

@@ -13,7 +13,7 @@ from ocr_finetune.lora import attach_lora_from_params, load_adapter
 from ocr_finetune.models import get_family
 from ocr_finetune.models.base import write_json
 from ocr_finetune.params import LoraParams, validate_params
-from ocr_finetune.train import RUN_INFO
+from ocr_finetune.loading import RUN_INFO
 
 
 def trained_adapter(family_name, path, folder, mode):

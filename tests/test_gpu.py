@@ -30,7 +30,7 @@ def test_static_cache_decoding_matches_plain_decoding(models_cache):
     outs = {}
     for name, model in (("fast", fast), ("plain", plain)):
         inputs, width = model.family.generation_inputs(model.processor, pages, "<image>\nFree OCR.")
-        from ocr_finetune.train import to_device
+        from ocr_finetune.data import to_device
 
         inputs = to_device(inputs, "cuda", torch.bfloat16)
         used = set()  # the experts implementation each MoE call ran under
@@ -70,8 +70,8 @@ def test_fast_training_step_matches_the_plain_step(tiny_dir, mode, kernel):
     from ocr_finetune.models import get_family
     from ocr_finetune.params import LoraParams
     from ocr_finetune.compiled import compile_layers
-    from ocr_finetune.train import (batch_loss, cache_vision_features, detach_lm_head, enable_checkpointing, pad_batch,
-                                    to_device)
+    from ocr_finetune.data import pad_batch, to_device
+    from ocr_finetune.train import batch_loss, detach_lm_head, enable_checkpointing, image_features
 
     family = get_family("deepseek-ocr2")
     processor = family.load_processor(tiny_dir, "gundam")
@@ -104,7 +104,9 @@ def test_fast_training_step_matches_the_plain_step(tiny_dir, mode, kernel):
             for x in items:
                 x.pixel = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                            for k, v in x.pixel.items()}  # as train() keeps them
-            cache_vision_features(model, family, items, 2, "cuda", torch.bfloat16, show=False)
+            views = to_device(family.collate_pixels([x.pixel for x in items]), "cuda", torch.bfloat16)
+            for x, f in zip(items, image_features(model, views)):
+                x.features, x.pixel = f, {}
         batch = to_device(pad_batch(items, processor.tokenizer.pad_token_id, family, left=fast), "cuda",
                           torch.bfloat16)
         head = detach_lm_head(model) if fast else None  # train.loss_chunk

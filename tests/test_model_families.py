@@ -13,7 +13,8 @@ from safetensors import safe_open
 from ocr_finetune.lora import attach_lora_from_params, load_adapter, lora_modules, trainable_parameters
 from ocr_finetune.models import FAMILIES, get_family
 from ocr_finetune.params import RESOLUTIONS, LoraParams
-from ocr_finetune.train import batch_loss, pad_batch
+from ocr_finetune.data import pad_batch
+from ocr_finetune.train import batch_loss
 
 PROMPT = "<image>\nFree OCR."
 
@@ -212,7 +213,7 @@ def test_loss_on_target_positions_equals_the_full_loss(checkpoints, family_name)
 def test_cached_vision_features_give_the_loss_and_gradients_of_pixels(checkpoints, family_name):
     """train.cache_vision_features (lora.mode llm): features computed once, in place of the pixels, give the
     step the same loss and adapter gradients as running the frozen vision towers in the step."""
-    from ocr_finetune.train import batch_loss, cache_vision_features
+    from ocr_finetune.train import batch_loss, image_features
 
     family, path = get_family(family_name), checkpoints[family_name]
     processor = family.load_processor(path, "gundam")
@@ -227,8 +228,9 @@ def test_cached_vision_features_give_the_loss_and_gradients_of_pixels(checkpoint
     losses, grads = [], []
     for cached in (False, True):
         if cached:
-            cache_vision_features(model, family, items, 2, "cpu", torch.float32, show=False)
-            assert all(x.pixel == {} and x.features is not None for x in items)
+            for x, f in zip(items, image_features(model, family.collate_pixels([x.pixel for x in items]))):
+                x.features, x.pixel = f, {}
+            assert [x.image_tokens for x in items] == [len(x.features) for x in items]
         batch = pad_batch(items, pad, family, left=True)
         assert ("image_features" in batch) == cached and ("pixel_values" in batch) != cached
         loss = batch_loss(model, batch, True)

@@ -68,7 +68,7 @@ def test_resume_without_a_checkpoint_is_an_error(tmp_path, models_cache, sample_
 def test_step_plan_fills_every_batch_and_covers_each_epoch():
     from collections import Counter
 
-    from ocr_finetune.train import step_plan
+    from ocr_finetune.data import step_plan
 
     # more pages in a batch than the dataset has: batches stay full (pages/s was overstated when they were not)
     for n_pages, batch, accum in [(16, 24, 1), (3, 8, 2), (10, 4, 1), (5, 5, 3)]:

@@ -13,11 +13,13 @@ import json
 import os
 import random
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from .dataset import read_jsonl
+from .dataset import JsonlPages
+from .feature_cache import file_digest
 from .params import Params
 
 STATE = "state.pt"
@@ -25,7 +27,8 @@ STATE = "state.pt"
 NOT_FINGERPRINTED = {"output_dir", "log_every", "save_every", "checkpoint_dir", "resume", "num_gpus", "device",
                      # how fast and in how much memory, not what is computed: a run that ran out of memory
                      # resumes with more checkpointing or smaller vision passes
-                     "gradient_checkpointing", "compile", "loss_chunk", "cache_vision_features"}
+                     "gradient_checkpointing", "compile", "loss_chunk", "cache_vision_features",
+                     "feature_cache_dir", "feature_cache_gib", "num_workers", "prefetch"}
 MODEL_NOT_FINGERPRINTED = {"fused_sam_attention", "sam_attention_kernel", "adaptive_experts", "vision_batch",
                            "allow_download"}
 
@@ -41,9 +44,12 @@ def fingerprint(params: Params, train_jsonl: str | Path) -> str:
                        "prompt": params.dataset.prompt}, sort_keys=True)
     h = hashlib.sha256(blob.encode())
     h.update(Path(train_jsonl).read_bytes())
-    # the JSONL names its images, not their pixels: pages rendered again at another dpi keep the same file
-    for image in sorted({str(e.image) for e in read_jsonl(train_jsonl)}):
-        h.update(hashlib.sha256(Path(image).read_bytes()).digest())
+    # the JSONL names its images, not their pixels: pages rendered again at another dpi keep the same file.
+    # Hashed in threads (hashlib releases the GIL): a serial pass over 100k pages held the GPU up for minutes.
+    images = sorted({str(image) for image in JsonlPages(train_jsonl).images()})
+    with ThreadPoolExecutor(min(16, (os.cpu_count() or 1) + 4)) as pool:
+        for digest in pool.map(file_digest, images):
+            h.update(bytes.fromhex(digest))
     return h.hexdigest()[:16]
 
 

@@ -126,8 +126,10 @@ def cmd_train(args):
         result = train(params, args.dataset, tracker=tracker, metrics_dir=args.metrics_dir)
     if distributed.process_rank() == 0:
             print(f"adapter saved to {result.adapter_dir} ({result.trainable_params:,} trainable parameters, "
-              f"{result.steps} steps on {result.num_gpus} process(es), {result.pages_per_second:.2f} pages/s, "
-              f"final loss {final_loss(result.losses):.4f}, the mean of the last tenth of the steps)")
+              f"{result.steps} steps on {result.num_gpus} process(es), {result.pages_per_second:.2f} pages/s "
+              f"steady, {result.whole_pages_per_second:.2f} over the whole loop, waiting for data "
+              f"{result.data_wait_fraction:.0%} of it; final loss {final_loss(result.losses):.4f}, the mean of "
+              "the last tenth of the steps)")
     return 0
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from .teachers.base import PageLabel
 
@@ -83,28 +85,68 @@ def validate_record(rec, where: str) -> None:
 
 def read_jsonl(path: str | Path, check_images: bool = True) -> list[Example]:
     """Read and validate a dataset file; every error names the line."""
-    path = Path(path)
+    return [example for _, example in _records(Path(path), check_images)]
+
+
+def _records(path: Path, check_images: bool) -> Iterator[tuple[int, Example]]:
+    """(byte offset, example) of every record, validated. Read as bytes, so lines end at b"\n" only
+    (str.splitlines() also cuts at U+2028, U+0085 and others, which JSON strings may hold)."""
     if not path.is_file():
         raise DatasetError(f"{path}: dataset file not found")
-    examples = []
-    # split at "\n" only: str.splitlines() also cuts at U+2028, U+0085 and others, which JSON strings may hold
-    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        validate_record(rec, where)
-        user, assistant = rec["messages"]
-        image = path.parent / user["images"][0]
-        if check_images and not image.is_file():
-            raise DatasetError(f"{where}: image not found: {image}")
-        meta = rec.get("meta") or {}
-        examples.append(Example(image=image, prompt=user["content"], target=assistant["content"],
-                                doc=str(meta.get("doc", image.stem)), page=int(meta.get("page") or 0)))
-    return examples
+    offset = 0
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
+            example = _parse(raw, path, n, check_images)
+            if example is not None:
+                yield start, example
+
+
+def _parse(raw: bytes, path: Path, n: int, check_images: bool) -> Example | None:
+    where = f"{path}:{n}"
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line); save the file as UTF-8") from None
+    if not line.strip():
+        return None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    validate_record(rec, where)
+    user, assistant = rec["messages"]
+    image = path.parent / user["images"][0]
+    if check_images and not image.is_file():
+        raise DatasetError(f"{where}: image not found: {image}")
+    meta = rec.get("meta") or {}
+    return Example(image=image, prompt=user["content"], target=assistant["content"],
+                   doc=str(meta.get("doc", image.stem)), page=int(meta.get("page") or 0))
+
+
+class JsonlPages:
+    """A dataset file held as the byte offsets of its records, each read when asked for: 8 bytes a page in
+    memory (plus its label's length, for train.group_by_length), not the labels themselves. Every record is
+    validated when the file is opened, so a bad line stops the run before training starts."""
+
+    def __init__(self, path: str | Path, check_images: bool = True):
+        self.path = Path(path)
+        self.offsets, self.target_chars = array("q"), array("q")
+        for offset, example in _records(self.path, check_images):
+            self.offsets.append(offset)
+            self.target_chars.append(len(example.target))
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i: int) -> Example:
+        with self.path.open("rb") as f:
+            f.seek(self.offsets[i])
+            return _parse(f.readline(), self.path, i + 1, check_images=False)
+
+    def images(self) -> Iterator[Path]:
+        for i in range(len(self)):
+            yield self[i].image
 
 
 def check_labels_complete(labels: list[PageLabel], pages_dir: Path) -> None:

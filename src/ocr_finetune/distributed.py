@@ -78,12 +78,22 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def sum_across(value: float, d: Dist, device: str) -> float:
+def sum_across(value, d: Dist, device: str):
+    """A number, or a list of numbers, summed over the processes (one all-reduce)."""
     if not d.enabled:
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+    t = torch.tensor(value if isinstance(value, list) else [value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return t.item()
+    return t.tolist() if isinstance(value, list) else t.item()
+
+
+def merge_across(mapping: dict, d: Dist) -> dict:
+    """Dicts gathered from every process into one (for small bookkeeping, not tensors)."""
+    if not d.enabled:
+        return mapping
+    parts = [None] * d.world_size
+    dist.all_gather_object(parts, mapping)
+    return {k: v for part in parts for k, v in part.items()}
 
 
 def parameters_digest(model) -> str:

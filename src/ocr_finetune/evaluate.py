@@ -16,7 +16,7 @@ from .params import Params
 from .report import write_report
 from .teachers.quality import clean_output
 from .tracking import Tracker, flatten
-from .train import adapter_params
+from .loading import adapter_params
 
 
 def evaluate(params: Params, eval_jsonl: str | Path, adapter_dir: str | Path | None,
@@ -105,7 +105,7 @@ def evaluate_adapter(params: Params, eval_jsonl: str | Path, adapter_dir: str | 
                      metrics_dir: str | Path | None = None, prompt: str | None = None, progress: bool = True) -> dict:
     """evaluate(), with the scores logged to the MLflow run that trained the adapter (when it has one)."""
     from .tracking import start_run, why_run_unavailable
-    from .train import read_run_info
+    from .loading import read_run_info
 
     run_id = read_run_info(adapter_dir).get("mlflow_run_id") if adapter_dir is not None else None
     missing = None

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from .lora import ADAPTER_WEIGHTS, adapter_weights, load_adapter, read_adapter_tensors
 from .models.base import write_json
 from .params import Params
-from .train import RUN_INFO, adapter_params, load_base, read_run_info
+from .loading import RUN_INFO, adapter_params, load_base, read_run_info
 
 # Our module paths -> the original checkpoints' (the reverse of transformers' load-time renaming).
 _TO_ORIGINAL = [(r"\.model\.language_model\.", ".model.")]

@@ -19,7 +19,8 @@ from .params import DEFAULT_PROMPT, Params
 from .teachers.base import PageInput, PageLabel
 from .pdf import list_files, parse_page_image_name
 from .runtime import pick_device, pick_dtype
-from .train import adapter_params, load_base, to_device
+from .data import PromptPages, WaitClock, default_workers, generation_batches, to_device
+from .loading import adapter_params, load_base
 
 
 class LocalModel:
@@ -29,6 +30,7 @@ class LocalModel:
                  static_cache: bool | None = None):
         self.device = pick_device(device)
         self.dtype = pick_dtype(params.train.dtype, self.device)
+        self.workers = params.evaluate.num_workers
         # Fast decoding on CUDA (benchmarks/speed.py, H100, full size, batch 1: 15.7 -> 3.2 ms/token): a static
         # KV cache, which transformers decodes through torch.compile, and no cuDNN attention, which planned
         # anew for every KV length. The first batch pays the compilation (tens of seconds).
@@ -42,15 +44,21 @@ class LocalModel:
         self.family, model, self.processor, _ = load_base(params, self.device, self.dtype)
         self.model = load_adapter(model, adapter_dir) if adapter_dir is not None else model
         self.model.eval()
+        self.data_wait_fraction = 0.0  # share of the last stream() spent waiting for pages to be prepared
 
     def transcribe(self, images: list, prompt: str, max_new_tokens: int, no_repeat_ngram_size: int = 0) -> list[str]:
         return [text for text, _ in self.generate(images, prompt, max_new_tokens, no_repeat_ngram_size)]
 
-    @torch.inference_mode()
     def generate(self, images: list, prompt: str, max_new_tokens: int,
                  no_repeat_ngram_size: int = 0) -> list[tuple[str, str]]:
-        """Greedy transcriptions of a batch of pages, each with its finish reason (`stop` or `length`)."""
+        """Greedy transcriptions of a batch of page images, each with its finish reason (`stop` or `length`)."""
         inputs, width = self.family.generation_inputs(self.processor, images, prompt)
+        return self.generate_batch(inputs, width, max_new_tokens, no_repeat_ngram_size)
+
+    @torch.inference_mode()
+    def generate_batch(self, inputs: dict, width: int, max_new_tokens: int,
+                       no_repeat_ngram_size: int = 0) -> list[tuple[str, str]]:
+        """generate() on inputs already prepared (data.generation_batches)."""
         inputs = to_device(inputs, self.device, self.dtype)
         tok = self.processor.tokenizer
         out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
@@ -58,23 +66,44 @@ class LocalModel:
                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                   cache_implementation="static" if self.static_cache else None)
         results = []
-        for row in out[:, width:]:
+        for row in out[:, width:].cpu():
             stopped = bool((row == tok.eos_token_id).any())
             results.append((tok.decode(row, skip_special_tokens=True).strip(), "stop" if stopped else "length"))
         return results
+
+    def stream(self, images: list, prompt: str, max_new_tokens: int, batch_size: int = 1,
+               no_repeat_ngram_size: int = 0, progress: bool = True,
+               desc: str = "transcribe") -> Iterator[tuple[int, str | None, str]]:
+        """Transcribe page image files in batches, reading and preprocessing them in worker processes while the
+        GPU decodes the batch before. Yields (index into images, text, finish reason) as batches finish, and
+        (index, None, reason) for a page that could not be read: it fails alone."""
+        dataset = PromptPages(list(images), self.family, self.processor, prompt, self.dtype)
+        batches = generation_batches(dataset, batch_size, default_workers(self.workers),
+                                     self.device.startswith("cuda"))
+        clock = WaitClock()
+        bar = tqdm(total=len(dataset), desc=desc, unit="page", disable=not progress)
+        for batch in clock.iterate(batches):
+            for i, reason in batch.failures:
+                bar.update(1)
+                yield i, None, reason
+            if batch.inputs is not None:
+                answers = self.generate_batch(batch.inputs, batch.width, max_new_tokens, no_repeat_ngram_size)
+                bar.update(len(answers))
+                yield from ((i, text, finish) for i, (text, finish) in zip(batch.indices, answers))
+            self.data_wait_fraction = clock.fraction
+            bar.set_postfix(data_wait=f"{clock.fraction:.0%}")
+        bar.close()
 
 
 def transcribe_paths(model: LocalModel, paths: Iterable[Path], prompt: str, max_new_tokens: int,
                      batch_size: int = 1, no_repeat_ngram_size: int = 0,
                      progress: bool = True) -> Iterator[tuple[Path, str]]:
+    """(path, text) for every page; a page that cannot be read raises (evaluate needs every page)."""
     paths = list(paths)
-    bar = tqdm(total=len(paths), desc="transcribe", unit="page", disable=not progress)
-    for i in range(0, len(paths), batch_size):
-        chunk = paths[i:i + batch_size]
-        texts = model.transcribe([load_image(p) for p in chunk], prompt, max_new_tokens, no_repeat_ngram_size)
-        bar.update(len(chunk))
-        yield from zip(chunk, texts)
-    bar.close()
+    for i, text, finish in model.stream(paths, prompt, max_new_tokens, batch_size, no_repeat_ngram_size, progress):
+        if text is None:
+            raise ValueError(f"{paths[i]}: {finish}")
+        yield paths[i], text
 
 
 def _readable_suffixes() -> set[str]:
@@ -163,7 +192,8 @@ def infer_documents(teacher, pages: list[PageInput], out_dir: str | Path, fmt: s
         if len(done[label.doc]) == expected[label.doc]:
             written.append(write_document(label.doc, sorted(done.pop(label.doc), key=lambda x: x.page), pages,
                                           out_dir, fmt))
-            bar.set_postfix(docs=len(written))
+            wait = getattr(teacher, "data_wait_fraction", None)  # the local model: time it waited for pages
+            bar.set_postfix(docs=len(written), **({"data_wait": f"{wait:.0%}"} if wait is not None else {}))
     bar.close()
     return written
 

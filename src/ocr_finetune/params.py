@@ -10,10 +10,10 @@ import os
 
 import re
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Annotated, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .models import FAMILIES
 
@@ -31,6 +31,16 @@ class _Section(BaseModel):
 def _within(folder: Path, other: Path) -> bool:
     """`folder` is `other` or inside it (after resolving both)."""
     return folder.resolve().is_relative_to(other.resolve())
+
+
+def _workers(v):
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+        return v
+    raise ValueError("allowed values: auto, or a number of worker processes (0 = none)")
+
+
+# worker processes that prepare pages: `auto` or a count
+Workers = Annotated[Union[int, Literal["auto"]], BeforeValidator(_workers)]
 
 
 class DataParams(_Section):
@@ -210,8 +220,18 @@ class TrainParams(_Section):
     # ... and over this many positions at a time, each slice's logits recomputed in the backward pass
     # (train.chunked_cross_entropy: the full logits were the step's largest allocation); 0 = all at once
     loss_chunk: int = Field(1024, ge=0)
-    # lora.mode llm: the frozen vision towers run once per page, not once per step (train.cache_vision_features)
+    # lora.mode llm: the frozen vision towers run once per page, not once per step: each page's features are
+    # computed the first time it is trained on and kept on disk (ocr_finetune.feature_cache), for later epochs,
+    # resumed runs and other experiments on the same pages; least recently read first out past the size
     cache_vision_features: bool = True
+    feature_cache_dir: str = "models/feature_cache"  # not a DVC output: `dvc exp run` keeps it between experiments
+    feature_cache_gib: float = Field(50.0, ge=0)  # 2.9 MB a page at full size (gundam); 0 = no cache
+    # Pages are prepared (read, processor, tokeniser) in worker processes, a few ahead of the GPU:
+    # auto = every core but one, shared among the GPUs of the host; 0 = in the training process.
+    num_workers: Workers = "auto"
+    prefetch: int = Field(4, ge=1)  # pages each worker prepares ahead
+    # Pages of similar label length share micro-batches (less padding to compute; data.step_plan)
+    group_by_length: bool = False
     # Regional torch.compile of the layers (ocr_finetune.compiled): all | vision (towers) | llm | none.
     # auto (train.compile_scope) on CUDA = all, minus the language model with lora.experts or a 4-bit base,
     # minus the vision towers in mode llm with cached features; none on CPU (costs more than it saves).
@@ -250,6 +270,9 @@ class EvaluateParams(_Section):
     loop_threshold: float = Field(0.5, gt=0.0, le=1.0)  # repeated word 8-gram share that counts as a loop
     # Decoding (evaluate, infer, local teacher): a static KV cache decoded through torch.compile; auto = on CUDA.
     static_cache: Literal["auto", "on", "off"] = "auto"
+    # ... with pages read and preprocessed in worker processes while the GPU decodes the batch before:
+    # auto = every core but one; 0 = in the decoding process.
+    num_workers: Workers = "auto"
 
 
 class TrackingParams(_Section):

@@ -1,42 +1,42 @@
 """LoRA fine-tuning, in one loop you can read top to bottom.
 
-    examples -> tensors -> (shuffle, batch, forward, backward, step) x steps -> adapter + metrics
+    setup: model + LoRA, optimizer, dataset file, step plan (resumed from a checkpoint when interrupted)
+    loop:  (micro-batches from the loader's workers -> forward, backward) -> optimizer step, x steps
+    save:  adapter + what it was trained from + metrics
+
+Model loading lives in `loading`, the data path (workers, batches, the step plan) in `data`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import math
-import queue
-import random
-import threading
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.utils.checkpoint
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from . import __version__, distributed
 from .checkpoint import Checkpoints, fingerprint
 from .compiled import compile_layers
-from .dataset import read_jsonl
+from .data import (TrainPages, WaitClock, default_workers, model_inputs, step_plan, to_device,  # noqa: F401
+                   train_batches)
+from .dataset import JsonlPages
+from .feature_cache import FeatureCache, model_key
+from .loading import RUN_INFO, load_base
 from .lora import attach_lora_from_params, lora_modules, trainable_parameters
-from .models import get_family
-from .models.base import checkpoint_source, load_image, write_json
-from .models.moe import use_adaptive_experts
+from .models.base import checkpoint_source, write_json
 from .params import Params
 from .runtime import pick_device, pick_dtype, seed_everything
 from .tracking import Tracker
-
-RUN_INFO = "ocr_finetune.json"  # written beside the adapter: what it was trained from
 
 
 @dataclass
@@ -45,25 +45,17 @@ class TrainResult:
     steps: int
     losses: list[float]
     trainable_params: int
-    seconds: float
-    pages_per_second: float = 0.0
+    seconds: float  # the loop: from the first batch asked for to the last step (setup_seconds before it)
+    pages_per_second: float = 0.0  # steady: after the first steps
     num_gpus: int = 1
     peak_memory_gib: float | None = None  # this process's GPU, None on CPU
-    vision_feature_seconds: float = 0.0  # the one pass of train.cache_vision_features, before the steps
     model: object = field(default=None, repr=False)  # the trained PEFT model, still in memory
-
-
-def load_base(params: Params, device: str, dtype: torch.dtype):
-    family = get_family(params.model.family)
-    path = family.checkpoint_dir(params.model.base, params.model.cache_dir, params.model.allow_download)
-    extra = quantization(dtype, device) if params.model.load_in_4bit else {}
-    model = family.load_model(path, dtype, device, **extra)
-    if params.model.fused_sam_attention:
-        family.use_fused_sam_attention(model, params.model.sam_attention_kernel)
-    if params.model.adaptive_experts and device.startswith("cuda"):  # on CPU grouped_mm is faster
-        use_adaptive_experts(model)
-    family.chunk_vision_tower(model, params.model.vision_batch)
-    return family, model, family.load_processor(path, params.model.resolution), path
+    setup_seconds: float = 0.0  # model load, adapters, compile set-up, dataset index, resume
+    whole_pages_per_second: float = 0.0  # pages trained over the whole loop, first batches and waits included
+    data_wait_fraction: float = 0.0
+    features_computed: int = 0
+    features_read: int = 0
+    labels_cut: int = 0
 
 
 def compile_scope(params: Params, device: str) -> str:
@@ -93,88 +85,19 @@ def enable_checkpointing(model, scope: bool | str) -> int:
     return sum(m.gradient_checkpointing for _, m in layers)
 
 
-def quantization(dtype: torch.dtype, device: str) -> dict:
-    """QLoRA loading: language-model weights in 4-bit NF4; the vision towers, projector and head stay in
-    `dtype` (small, and the adapters on them need real weights)."""
-    if not device.startswith("cuda"):
-        raise ValueError("model.load_in_4bit needs a CUDA GPU (bitsandbytes); set it to false on CPU")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ValueError("model.load_in_4bit needs bitsandbytes: pip install 'ocr-finetune[gpu]'") from None
-    from transformers import BitsAndBytesConfig
-
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=dtype,
-                                llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
-    return {"quantization_config": config, "device_map": {"": device}}
-
-
-def pad_batch(items, pad_id: int, family, left: bool = False) -> dict:
-    """Pad a list of Encoded examples into one batch (on the right, or on the left so that every example's
-    target ends at the last position)."""
-    width = max(len(x.input_ids) for x in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    for i, x in enumerate(items):
-        n = len(x.input_ids)
-        span = slice(width - n, width) if left else slice(0, n)
-        ids[i, span], labels[i, span], mask[i, span] = x.input_ids, x.labels, 1
-    if all(x.features is not None for x in items):
-        images = {"image_features": [x.features for x in items]}
-    else:
-        images = family.collate_pixels([x.pixel for x in items])
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, **images}
-
-
-def model_inputs(batch: dict) -> dict:
-    """A batch as the model's forward takes it: cached image features go in through `mm_encoder_outputs`,
-    which both families accept in place of pixels."""
-    inputs = dict(batch)
-    features = inputs.pop("image_features", None)
-    if features is not None:
-        inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
-    return inputs
-
-
-def cache_vision_features(model, family, data: list, batch_size: int, device: str, dtype: torch.dtype,
-                          show: bool, rank: distributed.Dist = distributed.Dist()) -> None:
-    """Compute every page's image features once and keep them in place of its pixels.
-
-    With LoRA on the language model only, the vision towers are frozen and dropout-free, so a page's features
-    are the same at every step: computing them per step spent more than half of each step on them (H200,
-    batch 4: 188 of 347 ms). A page's features (1121 x 1280 in bf16, 2.9 MB) also take a tenth of the memory
-    of its pixels. Under DDP each process computes its share of the pages and the processes exchange them,
-    a round at a time, since every process trains on every page over the epochs.
-    """
-    base = model.get_base_model()
-    was_training = base.training
-    base.eval()
-    bar = tqdm(total=len(data), desc="vision features", unit="page", disable=not show)
-    per_round = batch_size * rank.world_size
-    with torch.no_grad():
-        for start in range(0, len(data), per_round):
-            mine = list(range(start + rank.rank * batch_size, min(start + (rank.rank + 1) * batch_size, len(data))))
-            features = []
-            if mine:
-                views = to_device(family.collate_pixels([data[i].pixel for i in mine]), device, dtype)
-                features = [f.to("cpu") for f in base.get_image_features(**views, return_dict=True).pooler_output]
-            shares = [list(zip(mine, features))]
-            if rank.enabled:
-                shares = [None] * rank.world_size
-                torch.distributed.all_gather_object(shares, list(zip(mine, features)))
-            for i, f in (pair for share in shares for pair in share):
-                data[i].features, data[i].pixel = f, {}
-            bar.update(min(per_round, len(data) - start))
-    bar.close()
-    base.train(was_training)
-
-
 def batch_loss(model, batch: dict, targets_only: bool, head: torch.nn.Module | None = None,
                chunk: int = 0) -> torch.Tensor:
-    """Mean cross-entropy over the batch's target tokens.
+    """Mean cross-entropy over the batch's target tokens (summed_batch_loss says how)."""
+    total, tokens = summed_batch_loss(model, batch, targets_only, head, chunk)
+    return total / tokens
 
+
+def summed_batch_loss(model, batch: dict, targets_only: bool, head: torch.nn.Module | None = None,
+                      chunk: int = 0) -> tuple[torch.Tensor, int]:
+    """(summed cross-entropy over the batch's target tokens, their number).
+
+    Summed, so that a step's loss is the mean over every target token of its micro-batches and GPUs whatever
+    their share: the loop divides by the step's token count once it is known (`run_step`).
     targets_only (batches left-padded, so every target sits at the end): the language-model head runs over
     the last positions that hold targets only, not over the image and prompt tokens before them. On a full
     page that is about half the positions, and the logits (positions x 129k vocabulary) are the largest
@@ -182,15 +105,16 @@ def batch_loss(model, batch: dict, targets_only: bool, head: torch.nn.Module | N
     head (the model's LM head, taken out by `detach_lm_head`, so the model returns hidden states): the head
     and loss run `chunk` positions at a time (`chunked_cross_entropy`).
     """
-    if not targets_only:
-        return model(**model_inputs(batch)).loss
     labels = batch["labels"]
+    tokens = int((labels[:, 1:] != -100).sum())  # labels are shifted by one inside the model
+    if not targets_only:
+        return model(**model_inputs(batch)).loss * tokens, tokens
     keep = int((labels != -100).sum(1).max()) + 1
     out = model(**model_inputs({k: v for k, v in batch.items() if k != "labels"}), logits_to_keep=keep).logits
     out, targets = out[:, :-1].flatten(0, 1), labels[:, -keep + 1:].flatten()
     if head is not None:
-        return chunked_cross_entropy(out, head, targets, chunk)
-    return torch.nn.functional.cross_entropy(out.float(), targets, ignore_index=-100)
+        return chunked_cross_entropy(out, head, targets, chunk) * tokens, tokens
+    return torch.nn.functional.cross_entropy(out.float(), targets, ignore_index=-100, reduction="sum"), tokens
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
@@ -239,64 +163,53 @@ def lm_head_outside(model, enabled: bool):
             attach_lm_head(model, head)
 
 
-def to_device(batch: dict, device: str, dtype: torch.dtype) -> dict:
-    """Move tensors (alone or in lists) to the device; floating ones (pixels, features) in the model's dtype,
-    cast before the copy."""
-    def move(v):
-        if isinstance(v, list):
-            return [move(x) for x in v]
-        if isinstance(v, torch.Tensor):
-            return v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
-        return v
-    return {k: move(v) for k, v in batch.items()}
+@dataclass
+class Run:
+    """Everything the loop needs, made by `setup`: the model, its optimizer, the data and the plan."""
+    params: Params
+    rank: distributed.Dist
+    device: str
+    dtype: torch.dtype
+    family: object
+    model: torch.nn.Module  # the PEFT model, or its DDP wrapper
+    peft_model: object
+    base_path: Path
+    n_trainable: int
+    dataset: TrainPages
+    plan: list
+    first_step: int
+    losses: list
+    optimizer: torch.optim.Optimizer
+    schedule: object
+    checkpoints: Checkpoints
+    tracker: Tracker
+    setup_seconds: float
+    prompt: str
 
 
-def prefetch(items: Iterator, depth: int = 2) -> Iterator:
-    """Produce the next items in a background thread while the GPU works on the current one.
-
-    Batching full pages means concatenating and copying ~30 MB of pixels per page; done inline, the GPU
-    waits for it every step. torch releases the GIL in those ops, so a thread is enough (no worker processes).
-    """
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-
-    def work():
-        try:
-            for item in items:
-                q.put(item)
-        except BaseException as e:  # re-raised in the training loop
-            q.put(e)
-        q.put(done)
-
-    threading.Thread(target=work, daemon=True).start()
-    while (item := q.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-
-
-def step_plan(n_pages: int, batch_size: int, grad_accum: int, steps: int, seed: int) -> list[list[list[int]]]:
-    """Every step's micro-batches of page indices, drawn up front with the same seed on every rank, so all ranks
-    agree and a resumed run continues the same sequence. Pages are shuffled once per epoch and epochs follow each
-    other without a gap, so every micro-batch holds `batch_size` pages, even when the dataset has fewer pages
-    than a batch (a page then appears twice in it)."""
-    rng = random.Random(seed)
-    order: list[int] = []
-    plan: list[list[list[int]]] = []
-    for _ in range(steps):
-        plan.append([])
-        for _ in range(grad_accum):
-            while len(order) < batch_size:
-                order += rng.sample(range(n_pages), n_pages)
-            plan[-1].append(order[:batch_size])
-            order = order[batch_size:]
-    return plan
+@dataclass
+class LoopStats:
+    seconds: float = 0.0  # from the first batch asked for to the last step's end
+    step_ends: list = field(default_factory=list)
+    data_wait_fraction: float = 0.0  # share of the loop spent waiting for the next batch
+    features_computed: int = 0  # pages whose image features the loop computed (and stored in the cache)
+    features_read: int = 0  # pages whose image features came from the cache
+    labels_cut: dict = field(default_factory=dict)  # page index -> label tokens, for labels past max_label_tokens
 
 
 def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = None,
           metrics_dir: str | Path | None = None, progress: bool = True) -> TrainResult:
+    """setup -> loop -> save."""
+    run = setup(params, train_jsonl, tracker or Tracker(None))
+    stats = loop(run, progress)
+    return save(run, stats, metrics_dir)
+
+
+def setup(params: Params, train_jsonl: str | Path, tracker: Tracker) -> Run:
+    """The model with its adapters, optimizer and schedule, the dataset and step plan; restored from the last
+    checkpoint when the run was interrupted."""
+    t0 = time.time()
     tp = params.train
-    tracker = tracker or Tracker(None)
     seed_everything(tp.seed)
     rank, device = distributed.setup(pick_device(tp.device))  # one process per GPU under torchrun
     dtype = pick_dtype(tp.dtype, device.split(":")[0])
@@ -312,30 +225,21 @@ def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = Non
     if rank.enabled:
         model = DistributedDataParallel(model, device_ids=[rank.local_rank] if device.startswith("cuda") else None)
 
-    examples = read_jsonl(train_jsonl)
-    if not examples:
+    records = JsonlPages(train_jsonl)
+    if not len(records):
         raise ValueError(f"{train_jsonl} has no examples: nothing to train on")
-    data = [family.encode_example(processor, load_image(e.image), e.prompt, e.target, tp.max_label_tokens)
-            for e in tqdm(examples, desc="encode", unit="page", disable=not (progress and rank.is_main))]
-    cut = [x.label_tokens for x in data if x.label_tokens > tp.max_label_tokens]
-    if cut and rank.is_main:
-        print(f"note: {len(cut)} of {len(data)} labels are longer than train.max_label_tokens="
-              f"{tp.max_label_tokens} (the longest {max(cut)} tokens): they are trained on their first "
-              f"{tp.max_label_tokens} tokens, without an end of text. Raise train.max_label_tokens to train on "
-              "whole pages.", flush=True)
-    for x in data:  # pixels kept in the model's dtype: half the memory and copying in bf16
-        x.pixel = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-                   for k, v in x.pixel.items()}
-    vision_feature_seconds = time.time()
-    if tp.cache_vision_features and params.lora.mode == "llm":
-        cache_vision_features(peft_model, family, data, max(1, tp.batch_size // rank.world_size), device, dtype,
-                              progress and rank.is_main, rank)
-    vision_feature_seconds = time.time() - vision_feature_seconds
-    # Tokens the loss is taken over (labels are shifted by one inside the model).
-    target_tokens = [int((x.labels[1:] != -100).sum()) for x in data]
+    cache = None
+    if tp.cache_vision_features and params.lora.mode == "llm" and tp.feature_cache_gib > 0:
+        cache = FeatureCache(tp.feature_cache_dir, model_key(params, base_path, dtype),
+                             int(tp.feature_cache_gib * 2**30))
+        if rank.is_main:
+            cache.trim()
+    dataset = TrainPages(records, family, processor, dtype, tp.max_label_tokens, cache)
 
-    steps_per_epoch = math.ceil(len(data) / (tp.batch_size * tp.grad_accum))
+    steps_per_epoch = math.ceil(len(records) / (tp.batch_size * tp.grad_accum))
     total_steps = tp.max_steps or tp.epochs * steps_per_epoch
+    plan = step_plan(len(records), tp.batch_size, tp.grad_accum, total_steps, tp.seed,
+                     lengths=records.target_chars if tp.group_by_length else None)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tp.learning_rate,
                                   weight_decay=tp.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -343,9 +247,7 @@ def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = Non
     tracker.set_tags({"family": params.model.family, "base": params.model.base, "lora_mode": params.lora.mode,
                       "base_revision": checkpoint_source(base_path).get("revision"), "device": device,
                       "num_gpus": rank.world_size, **{f"version.{k}": v for k, v in versions().items()}})
-    tracker.log_metrics({"trainable_params": n_trainable, "train_pages": len(data), "labels_cut": len(cut)})
-
-    plan = step_plan(len(data), tp.batch_size, tp.grad_accum, total_steps, tp.seed)
+    tracker.log_metrics({"trainable_params": n_trainable, "train_pages": len(records)})
 
     checkpoints = Checkpoints(tp.checkpoint_dir, fingerprint(params, train_jsonl))
     state = checkpoints.load() if tp.resume != "never" else None
@@ -358,86 +260,209 @@ def train(params: Params, train_jsonl: str | Path, tracker: Tracker | None = Non
         first_step, losses = state["step"], list(state["losses"])
         if rank.is_main:
             print(f"resuming from step {first_step} of {total_steps} ({checkpoints.path})", flush=True)
+    return Run(params, rank, device, dtype, family, model, peft_model, base_path, n_trainable, dataset, plan,
+               first_step, losses, optimizer, schedule, checkpoints, tracker, time.time() - t0, records[0].prompt)
 
-    def batches():  # this process's tensors for each remaining step
-        for micro_batches in plan[first_step:]:
-            yield micro_batches, [
-                to_device(pad_batch([data[i] for i in mb[rank.rank::rank.world_size]],
-                                    processor.tokenizer.pad_token_id, family, left=tp.logits_on_targets),
-                          device, dtype)
-                for mb in micro_batches]
 
-    step_ends: list[float] = []
-    model.train()
-    start = time.time()
+def loop(run: Run, progress: bool = True) -> LoopStats:
+    """The steps of the plan from `run.first_step`: for each micro-batch forward and backward, for each step
+    the optimizer; checkpoints every `train.save_every` steps."""
+    tp, rank, stats = run.params.train, run.rank, LoopStats()
+    batches = train_batches(run.dataset, run.plan[run.first_step:], rank.rank, rank.world_size,
+                            run.dataset.processor.tokenizer.pad_token_id, tp.logits_on_targets,
+                            default_workers(tp.num_workers, _ranks_per_host(rank)), run.device.startswith("cuda"),
+                            tp.prefetch)
+    pages_per_step = tp.batch_size * tp.grad_accum
+    trainable = [p for p in run.model.parameters() if p.requires_grad]
+    writes = FeatureWrites(run.dataset.cache)
+    run.model.train()
+    clock = WaitClock()
+    step = run.first_step
+    step_loss, step_tokens = None, 0
     # chunked loss: the LM head runs outside the model during the steps, and is back before saving
-    with lm_head_outside(peft_model, tp.logits_on_targets and tp.loss_chunk > 0) as head:
-        bar = tqdm(prefetch(batches()), initial=first_step, total=total_steps, desc="train", unit="step",
+    with lm_head_outside(run.peft_model, tp.logits_on_targets and tp.loss_chunk > 0) as head:
+        bar = tqdm(initial=run.first_step, total=len(run.plan), desc="train", unit="step",
                    disable=not (progress and rank.is_main))
-        for step, (micro_batches, tensors) in enumerate(bar, start=first_step):
-            # The step's loss is the mean over every target token of the global batch, as on one GPU. Each
-            # process weights its share by its token count; DDP averages gradients over processes, so the
-            # world-size factor turns that average back into the sum of the shares.
-            step_tokens = sum(target_tokens[i] for mb in micro_batches for i in mb)
-            step_loss = 0.0
-            for k, (mb, batch) in enumerate(zip(micro_batches, tensors)):
-                share = sum(target_tokens[i] for i in mb[rank.rank::rank.world_size]) / step_tokens
-                sync = k == len(micro_batches) - 1 or not rank.enabled  # all-reduce gradients once per step
-                with contextlib.nullcontext() if sync else model.no_sync():
-                    loss = batch_loss(model, batch, tp.logits_on_targets, head, tp.loss_chunk) * share
-                    (loss * rank.world_size).backward()
-                step_loss += loss.item()
-            step_loss = distributed.sum_across(step_loss, rank, device)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(step_loss)
-            step_ends.append(time.time())  # loss.item() above waited for the GPU: these are real step times
-            if step == first_step:
-                distributed.check_replicas_identical(peft_model, rank)
-            if tp.save_every and (step + 1) % tp.save_every == 0 and step + 1 < total_steps and rank.is_main:
-                checkpoints.save(step + 1, losses, peft_model, optimizer, schedule)
-            bar.set_postfix(loss=f"{step_loss:.4f}")
-            if step % tp.log_every == 0 or step == total_steps - 1:
-                tracker.log_metric("train_loss", step_loss, step=step)
-    if device.startswith("cuda"):
+        for mb in clock.iterate(batches):
+            tensors = to_device(mb.tensors, run.device, run.dtype)
+            if "image_features" in tensors:
+                read, computed = fill_image_features(run.peft_model, tensors, mb.pages, writes)
+                stats.features_read += read
+                stats.features_computed += computed
+            for x in mb.pages:
+                if x.label_tokens > tp.max_label_tokens:
+                    stats.labels_cut[x.index] = x.label_tokens
+            # gradients all-reduced once per step, at its last micro-batch
+            with contextlib.nullcontext() if mb.last_of_step or not rank.enabled else run.model.no_sync():
+                loss, tokens = summed_batch_loss(run.model, tensors, tp.logits_on_targets, head, tp.loss_chunk)
+                loss.backward()
+            step_loss = loss.detach().double() + (0 if step_loss is None else step_loss)  # on the GPU: no wait
+            step_tokens += tokens
+            if not mb.last_of_step:
+                continue
+            run.losses.append(finish_step(run, trainable, float(step_loss), step_tokens))
+            step_loss, step_tokens = None, 0
+            stats.step_ends.append(time.time())  # the loss above waited for the GPU: these are real step times
+            if step == run.first_step:
+                distributed.check_replicas_identical(run.peft_model, rank)
+            if tp.save_every and (step + 1) % tp.save_every == 0 and step + 1 < len(run.plan) and rank.is_main:
+                run.checkpoints.save(step + 1, run.losses, run.peft_model, run.optimizer, run.schedule)
+            bar.update(1)
+            bar.set_postfix(loss=f"{run.losses[-1]:.4f}", pages_s=f"{pages_per_step / _last_step_seconds(stats, clock):.1f}",
+                            data_wait=f"{clock.fraction:.0%}")
+            if step % tp.log_every == 0 or step == len(run.plan) - 1:
+                run.tracker.log_metric("train_loss", run.losses[-1], step=step)
+            step += 1
+        bar.close()
+    writes.wait()
+    if run.device.startswith("cuda"):
         torch.cuda.synchronize()
-    seconds = time.time() - start
-    distributed.check_replicas_identical(peft_model, rank)
+    stats.seconds = time.perf_counter() - clock.start
+    stats.data_wait_fraction = clock.fraction
+    return stats
 
+
+def _last_step_seconds(stats: LoopStats, clock: WaitClock) -> float:
+    ends = stats.step_ends
+    return max(ends[-1] - ends[-2], 1e-9) if len(ends) > 1 else max(time.perf_counter() - clock.start, 1e-9)
+
+
+def _ranks_per_host(rank: distributed.Dist) -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", rank.world_size))
+
+
+def finish_step(run: Run, trainable: list, loss_sum: float, tokens: int) -> float:
+    """The optimizer step once every micro-batch of the step is through backward; returns the step's loss.
+
+    Each process summed its tokens' losses; the step's loss is the mean over every target token of the global
+    batch, as on one GPU. DDP averaged the gradients over processes, so the world-size factor over the step's
+    token count (summed over processes) turns them into the gradient of that mean."""
+    loss_sum, tokens = distributed.sum_across([loss_sum, float(tokens)], run.rank, run.device)
+    tokens = max(tokens, 1.0)
+    with torch.no_grad():
+        for p in trainable:
+            if p.grad is not None:
+                p.grad.mul_(run.rank.world_size / tokens)
+    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    run.optimizer.step()
+    run.schedule.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_sum / tokens
+
+
+class FeatureWrites:
+    """Cache writes in a thread, so the GPU does not wait for the disk; a few in flight at most."""
+
+    def __init__(self, cache: FeatureCache | None, in_flight: int = 64):
+        self.cache, self.in_flight = cache, in_flight
+        self.pool = ThreadPoolExecutor(1) if cache is not None else None
+        self.pending: list = []
+
+    def put(self, key: str, features: torch.Tensor, image_tokens: int) -> None:
+        if self.cache is None:
+            return
+        ready = None
+        if features.is_cuda:  # copied without stopping the loop; the writer waits for the copy
+            host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
+            host.copy_(features, non_blocking=True)
+            features, ready = host, torch.cuda.Event()
+            ready.record()
+        self.pending.append(self.pool.submit(self._write, key, features, image_tokens, ready))
+        while len(self.pending) > self.in_flight:
+            self.pending.pop(0).result()
+
+    def _write(self, key, features, image_tokens, ready) -> None:
+        if ready is not None:
+            ready.synchronize()
+        self.cache.put(key, features, image_tokens)
+
+    def wait(self) -> None:
+        for f in self.pending:
+            f.result()
+        self.pending = []
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def image_features(model, pixels: dict) -> list[torch.Tensor]:
+    """The frozen vision towers' features of a batch of pages (one tensor per page), as the model computes
+    them inside its forward."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    was_training = base.training
+    base.eval()
+    try:
+        with torch.no_grad():
+            return list(base.get_image_features(**pixels, return_dict=True).pooler_output)
+    finally:
+        base.train(was_training)
+
+
+def fill_image_features(model, tensors: dict, pages: list, writes: FeatureWrites) -> tuple[int, int]:
+    """Mode llm with the feature cache: compute the features of the batch's pages the cache did not hold (in
+    place of `missing_pixels`) and store them. Returns (pages read from the cache, pages computed)."""
+    features = tensors["image_features"]
+    missing = [j for j, f in enumerate(features) if f is None]
+    pixels = tensors.pop("missing_pixels", None)
+    if missing:
+        for j, f in zip(missing, image_features(model, pixels)):
+            features[j] = f
+            writes.put(pages[j].cache_key, f, pages[j].image_tokens)
+    return len(features) - len(missing), len(missing)
+
+
+def save(run: Run, stats: LoopStats, metrics_dir: str | Path | None) -> TrainResult:
+    """The adapter, what it was trained from, and the run's metrics (rank 0: every rank holds the same)."""
+    tp, rank = run.params.train, run.rank
+    distributed.check_replicas_identical(run.peft_model, rank)
+    cut = distributed.merge_across(stats.labels_cut, rank)
+    stats.features_computed, stats.features_read = (
+        int(v) for v in distributed.sum_across([float(stats.features_computed), float(stats.features_read)],
+                                               rank, run.device))
+    steps = len(run.plan)
+    pages_per_step = tp.batch_size * tp.grad_accum
     out = Path(tp.output_dir)
-    result = TrainResult(out, total_steps, losses, n_trainable, seconds,
-                         steady_pages_per_second(start, step_ends, tp.batch_size * tp.grad_accum), rank.world_size,
-                         peak_memory_gib(device), vision_feature_seconds=vision_feature_seconds, model=peft_model)
+    result = TrainResult(out, steps, run.losses, run.n_trainable, stats.seconds,
+                         steady_pages_per_second(stats.seconds, stats.step_ends, pages_per_step), rank.world_size,
+                         peak_memory_gib(run.device), model=run.peft_model, setup_seconds=run.setup_seconds,
+                         whole_pages_per_second=pages_per_step * (steps - run.first_step) / max(stats.seconds, 1e-9),
+                         data_wait_fraction=stats.data_wait_fraction, features_computed=stats.features_computed,
+                         features_read=stats.features_read, labels_cut=len(cut))
     if rank.is_main:  # one writer: every rank holds the same adapter
-        checkpoints.clear()  # finished: a rerun trains afresh
+        if cut:
+            print(f"note: {len(cut)} labels are longer than train.max_label_tokens={tp.max_label_tokens} (the "
+                  f"longest {max(cut.values())} tokens): they were trained on their first {tp.max_label_tokens} "
+                  "tokens, without an end of text. Raise train.max_label_tokens to train on whole pages.", flush=True)
+        run.checkpoints.clear()  # finished: a rerun trains afresh
         out.mkdir(parents=True, exist_ok=True)
-        peft_model.save_pretrained(out)
+        run.peft_model.save_pretrained(out)
+        params = run.params
         write_json(out / RUN_INFO, {
-            "family": params.model.family, "base": params.model.base, "base_path": str(base_path),
-            "base_source": checkpoint_source(base_path),
+            "family": params.model.family, "base": params.model.base, "base_path": str(run.base_path),
+            "base_source": checkpoint_source(run.base_path),
             "resolution": params.model.resolution, "lora": params.lora.model_dump(),
-            "prompt": examples[0].prompt, "trainable_params": n_trainable,
-            "lora_modules": len(lora_modules(peft_model)), "steps": total_steps, "num_gpus": rank.world_size,
-            "mlflow_run_id": tracker.run_id, "versions": versions(),
+            "prompt": run.prompt, "trainable_params": run.n_trainable,
+            "lora_modules": len(lora_modules(run.peft_model)), "steps": steps, "num_gpus": rank.world_size,
+            "mlflow_run_id": run.tracker.run_id, "versions": versions(),
         })
         if metrics_dir is not None:
-            write_train_metrics(result, len(data), Path(metrics_dir))
-        tracker.log_metrics({"final_loss": final_loss(losses), "last_loss": losses[-1], "train_seconds": seconds,
-                             "vision_feature_seconds": vision_feature_seconds,
-                             "pages_per_second": result.pages_per_second})
-        tracker.log_artifacts(out, artifact_path="adapter")
-    del model  # the DDP wrapper (its reducer holds the process group) goes before the group does
+            write_train_metrics(result, len(run.dataset), Path(metrics_dir))
+        run.tracker.log_metrics({"final_loss": final_loss(run.losses), "last_loss": run.losses[-1],
+                                 "train_seconds": stats.seconds, "pages_per_second": result.pages_per_second,
+                                 "whole_pages_per_second": result.whole_pages_per_second,
+                                 "data_wait_fraction": stats.data_wait_fraction, "labels_cut": len(cut),
+                                 "features_computed": stats.features_computed,
+                                 "features_read": stats.features_read})
+        run.tracker.log_artifacts(out, artifact_path="adapter")
+    del run.model  # the DDP wrapper (its reducer holds the process group) goes before the group does
     distributed.teardown()
     return result
 
 
-def steady_pages_per_second(start: float, step_ends: list[float], pages_per_step: int) -> float:
-    """Throughput after the first steps (CUDA start-up, kernel autotuning); over all steps when few."""
+def steady_pages_per_second(seconds: float, step_ends: list[float], pages_per_step: int) -> float:
+    """Throughput after the first steps (CUDA start-up, kernel autotuning); over the whole loop when few."""
     warm = min(3, len(step_ends) // 3)
     if len(step_ends) - 1 - warm < 1:
-        return pages_per_step * len(step_ends) / max(step_ends[-1] - start, 1e-9)
+        return pages_per_step * len(step_ends) / max(seconds, 1e-9)
     return pages_per_step * (len(step_ends) - 1 - warm) / (step_ends[-1] - step_ends[warm])
 
 
@@ -476,19 +501,3 @@ def versions() -> dict:
             "peft": peft.__version__}
 
 
-def adapter_params(params: Params, adapter_dir: str | Path) -> Params:
-    """params with the family, base and resolution an adapter was trained with: train and infer must agree on
-    them, or the adapter sees other inputs (or another model). Says so when params.yaml differs."""
-    info = read_run_info(adapter_dir)
-    keys = ("family", "base", "resolution")
-    trained = {k: info.get(k, getattr(params.model, k)) for k in keys}
-    if not info or all(trained[k] == getattr(params.model, k) for k in keys):
-        return params
-    print(f"note: {adapter_dir} was trained on " + ", ".join(f"model.{k}={v}" for k, v in trained.items())
-          + "; using those, not params.yaml's", flush=True)
-    return params.with_model(**trained)
-
-
-def read_run_info(adapter_dir: str | Path) -> dict:
-    path = Path(adapter_dir) / RUN_INFO
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

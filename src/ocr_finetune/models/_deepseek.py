@@ -97,8 +97,23 @@ def encode_prompt(processor, image, prompt: str) -> dict:
 
 def encode_example(processor, image, prompt: str, target: str, max_label_tokens: int) -> Encoded:
     enc = encode_prompt(processor, image, prompt)
-    tok = processor.tokenizer
     prompt_ids = enc["input_ids"][0]
+    image_tokens = int((prompt_ids == processor.image_token_id).sum())
+    return _with_target(processor, prompt_ids, target, max_label_tokens, pixel=views(enc), image_tokens=image_tokens)
+
+
+def encode_text(processor, prompt: str, target: str, image_tokens: int, max_label_tokens: int) -> Encoded:
+    """encode_example without the image, for a page whose image features are already known (feature_cache):
+    the processor expands `<image>` into `image_tokens` image tokens and tokenises, as here (a test keeps the
+    two equal)."""
+    tok = processor.tokenizer
+    text = tok.bos_token + prompt.replace(processor.image_token, processor.image_token * image_tokens)
+    prompt_ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    return _with_target(processor, prompt_ids, target, max_label_tokens, pixel={}, image_tokens=image_tokens)
+
+
+def _with_target(processor, prompt_ids: torch.Tensor, target: str, max_label_tokens: int, **fields) -> Encoded:
+    tok = processor.tokenizer
     target_ids = tok(target, add_special_tokens=False)["input_ids"]
     label_tokens = len(target_ids)
     # A label cut short ends without EOS: with one, the model would learn to stop in the middle of a page.
@@ -106,8 +121,7 @@ def encode_example(processor, image, prompt: str, target: str, max_label_tokens:
     target_ids = torch.tensor(target_ids, dtype=prompt_ids.dtype)
     # The loss sees only the target: BOS, prompt text and every image token are masked.
     labels = torch.cat([torch.full_like(prompt_ids, -100), target_ids])
-    return Encoded(input_ids=torch.cat([prompt_ids, target_ids]), labels=labels, pixel=views(enc),
-                   label_tokens=label_tokens)
+    return Encoded(input_ids=torch.cat([prompt_ids, target_ids]), labels=labels, label_tokens=label_tokens, **fields)
 
 
 def views(enc) -> dict:
@@ -137,16 +151,26 @@ def collate_pixels(pixels: list[dict]) -> dict:
 
 def generation_inputs(processor, images, prompt: str) -> tuple[dict, int]:
     """Left-padded batch of prompts for generate(); returns (inputs, prompt length)."""
-    encs = [encode_prompt(processor, im, prompt) for im in images]
-    pad = processor.tokenizer.pad_token_id
-    width = max(e["input_ids"].shape[1] for e in encs)
-    ids = torch.full((len(encs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(encs), width), dtype=torch.long)
-    for i, e in enumerate(encs):
-        n = e["input_ids"].shape[1]
-        ids[i, width - n:] = e["input_ids"][0]
+    return collate_prompts([prompt_inputs(processor, im, prompt) for im in images], processor.tokenizer.pad_token_id)
+
+
+def prompt_inputs(processor, image, prompt: str) -> dict:
+    """One page's generation inputs: its prompt ids (1-D) and image views."""
+    enc = encode_prompt(processor, image, prompt)
+    return {"input_ids": enc["input_ids"][0], **views(enc)}
+
+
+def collate_prompts(pages: list[dict], pad_id: int) -> tuple[dict, int]:
+    """prompt_inputs of several pages as one left-padded batch; returns (inputs, prompt length)."""
+    width = max(len(p["input_ids"]) for p in pages)
+    ids = torch.full((len(pages), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(pages), width), dtype=torch.long)
+    for i, p in enumerate(pages):
+        n = len(p["input_ids"])
+        ids[i, width - n:] = p["input_ids"]
         mask[i, width - n:] = 1
-    return {"input_ids": ids, "attention_mask": mask, **collate_pixels([views(e) for e in encs])}, width
+    pixels = collate_pixels([{k: v for k, v in p.items() if k != "input_ids"} for p in pages])
+    return {"input_ids": ids, "attention_mask": mask, **pixels}, width
 
 
 # ---------------------------------------------------------------- the vision tower over a few images at a time

@@ -23,9 +23,12 @@ class Encoded:
 
     input_ids: torch.Tensor  # (L,)
     labels: torch.Tensor  # (L,) -100 on BOS, prompt and image tokens
-    pixel: dict  # family-specific image tensors for this one example
+    pixel: dict  # family-specific image tensors for this one example ({} when its features are known)
     features: torch.Tensor | None = None  # its image features (train.cache_vision_features), once computed
     label_tokens: int = 0  # the whole label's tokens (EOS not counted), before any cut to train.max_label_tokens
+    image_tokens: int = 0  # image tokens in input_ids (= rows of its features)
+    index: int = -1  # its record in the dataset file
+    cache_key: str | None = None  # its entry in the feature cache
 
 
 def slug(repo_id: str) -> str:

@@ -23,8 +23,11 @@ from ._deepseek import (  # noqa: F401
     EXPERT_PARAMETERS,
     chunk_vision_tower,
     collate_pixels,
+    collate_prompts,
     encode_example,
+    encode_text,
     generation_inputs,
+    prompt_inputs,
     use_fused_sam_attention,
 )
 from .base import ModelLoadError

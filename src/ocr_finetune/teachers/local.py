@@ -4,10 +4,10 @@ a no-repeat n-gram guard at decode, and the same answer cache and output guards 
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..models.base import load_image
 from ..params import LocalTeacherParams, Params
 from .base import PageInput, PageLabel
 from .cache import LabelCache, cache_key
@@ -34,6 +34,10 @@ class LocalTeacher:
             self._model = LocalModel(self.params, adapter_dir=self.config.adapter, device=self.config.device)
         return self._model
 
+    @property
+    def data_wait_fraction(self) -> float | None:
+        return self._model.data_wait_fraction if self._model is not None else None
+
     def settings(self) -> dict:
         adapter = self.config.adapter
         weights = Path(adapter) / "adapter_model.safetensors" if adapter else None
@@ -47,33 +51,35 @@ class LocalTeacher:
         return answer_label(page, entry, self.name, self.max_repeat_fraction)
 
     def label(self, pages: Iterable[PageInput]) -> Iterator[PageLabel]:
+        """Cached answers first (the cache keys are hashes of the images, read in threads), then the other pages
+        through the model, read and preprocessed in worker processes while the GPU decodes."""
         settings = self.settings()
+        pages = list(pages)
         todo = []
-        for page in pages:
-            try:
-                key = cache_key(page.image, **settings)  # reads the file: a missing one fails its page here
-            except OSError as e:
-                yield PageLabel(page.doc, page.page, page.image.name, "failed", reason=str(e), teacher=self.name)
+        with ThreadPoolExecutor(8) as pool:  # hashing releases the GIL: the files are read in parallel
+            for page, key in zip(pages, pool.map(lambda p: _key_or_error(p.image, settings), pages)):
+                if isinstance(key, OSError):  # a missing or unreadable file fails its page here
+                    yield PageLabel(page.doc, page.page, page.image.name, "failed", reason=str(key), teacher=self.name)
+                elif (entry := self.cache.get(key)) is not None:
+                    yield self.to_label(page, entry)
+                else:
+                    todo.append((page, key))
+        if not todo:
+            return
+        answers = self.model.stream([page.image for page, _ in todo], self.prompt, self.config.max_new_tokens,
+                                    self.config.batch_size, self.config.no_repeat_ngram_size, progress=False)
+        for i, text, finish in answers:
+            page, key = todo[i]
+            if text is None:  # a broken image fails its page, not the run
+                yield PageLabel(page.doc, page.page, page.image.name, "failed", reason=finish, teacher=self.name)
                 continue
-            entry = self.cache.get(key)
-            if entry is not None:
-                yield self.to_label(page, entry)
-            else:
-                todo.append((page, key))
-        size = self.config.batch_size
-        for i in range(0, len(todo), size):
-            chunk, images = [], []
-            for page, key in todo[i:i + size]:
-                try:
-                    images.append(load_image(page.image))
-                    chunk.append((page, key))
-                except (OSError, ValueError) as e:  # a missing or broken image fails its page, not the run
-                    yield PageLabel(page.doc, page.page, page.image.name, "failed", reason=str(e), teacher=self.name)
-            if not chunk:
-                continue
-            answers = self.model.generate(images, self.prompt, self.config.max_new_tokens,
-                                          self.config.no_repeat_ngram_size)
-            for (page, key), (text, finish) in zip(chunk, answers):
-                entry = {"text": text, "finish_reason": finish}
-                self.cache.put(key, entry)
-                yield self.to_label(page, entry)
+            entry = {"text": text, "finish_reason": finish}
+            self.cache.put(key, entry)
+            yield self.to_label(page, entry)
+
+
+def _key_or_error(image: Path, settings: dict):
+    try:
+        return cache_key(image, **settings)
+    except OSError as e:
+        return e
