@@ -50,11 +50,13 @@ class RssSampler:
         threading.Thread(target=self._run, daemon=True).start()
 
     def now(self) -> tuple[int, int]:
+        """(this process's RSS, the proportional set size of it and its workers together: forked workers share
+        most of their pages with it, which summed RSS would count once per worker)."""
         main = self.proc.memory_info().rss
-        tree = main
-        for child in self.proc.children(recursive=True):
+        tree = 0
+        for p in [self.proc, *self.proc.children(recursive=True)]:
             try:
-                tree += child.memory_info().rss
+                tree += p.memory_full_info().pss
             except Exception:  # noqa: BLE001 - a worker that just ended
                 pass
         return main, tree
@@ -63,7 +65,7 @@ class RssSampler:
         while not self.stop.is_set():
             main, tree = self.now()
             self.peak_main, self.peak_tree = max(self.peak_main, main), max(self.peak_tree, tree)
-            time.sleep(0.2)
+            time.sleep(0.5)
 
 
 def gib(n: float) -> float:
@@ -133,7 +135,7 @@ def row_train(args, mode: str, batch: int, tag: str) -> dict:
     import torch
 
     from ocr_finetune.params import validate_params
-    from ocr_finetune.train import loop, save, setup
+    from ocr_finetune.train import compile_scope, loop, save, setup
     from ocr_finetune.tracking import Tracker
 
     data = Path(args.work) / (f"train-varied-{args.pages}.jsonl" if tag in ("varied", "grouped")
@@ -162,11 +164,14 @@ def row_train(args, mode: str, batch: int, tag: str) -> dict:
             "workers": __import__("ocr_finetune.data", fromlist=["x"]).default_workers(params.train.num_workers),
             "host_rss_gib": {"start": gib(start_main), "after_setup": gib(setup_main), "peak": gib(rss.peak_main),
                              "growth_in_loop": gib(rss.peak_main - setup_main)},
-            "host_rss_with_workers_gib": {"after_setup": gib(setup_tree), "peak": gib(rss.peak_tree),
+            "host_pss_with_workers_gib": {"after_setup": gib(setup_tree), "peak": gib(rss.peak_tree),
                                           "growth_in_loop": gib(rss.peak_tree - setup_tree)},
             "gpu_peak_gib": result.peak_memory_gib,
             "loss_first": round(result.losses[0], 4), "loss_last": round(result.losses[-1], 4),
-            "cuda": torch.cuda.is_available()}
+            "compile": compile_scope(params, args.device, pages),
+            # seconds from the loop's start to each of the first and the last steps' ends: the warm-up
+            "step_ends_s": [round(t - stats.step_ends[0] + (stats.seconds - (stats.step_ends[-1] - stats.step_ends[0])), 1)
+                            for t in stats.step_ends[:5] + stats.step_ends[-2:]]}
 
 
 def row_baseline(args, mode: str, batch: int) -> dict:
@@ -278,7 +283,7 @@ def row_infer(args, batch: int) -> dict:
             "preprocess_s_per_page_one_core": round(per_page_s, 3),
             "data_wait_fraction": round(getattr(teacher.model, "data_wait_fraction", 0.0), 3),
             "host_rss_gib": {"before_infer": gib(rss_before[0]), "peak_in_infer": gib(rss.peak_main),
-                             "with_workers_peak": gib(rss.peak_tree)},
+                             "pss_with_workers_peak": gib(rss.peak_tree)},
             "gpu_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if args.device == "cuda" else None}
 
 

@@ -109,6 +109,13 @@ def test_compile_auto_resolves_by_device_and_setup():
     assert scope("cuda", lora={"mode": "llm"}) == "llm"
     assert scope("cuda", lora={"mode": "llm"}, train={"cache_vision_features": False}) == "all"
     assert scope("cuda", lora={"mode": "llm", "experts": True}) == "none"
+    # ... and not for a short run, where compiling costs more time than it saves
+    from ocr_finetune.train import LLM_COMPILE_MIN_PAGES
+
+    llm = validate_params({"lora": {"mode": "llm"}})
+    assert compile_scope(llm, "cuda", LLM_COMPILE_MIN_PAGES - 1) == "none"
+    assert compile_scope(llm, "cuda", LLM_COMPILE_MIN_PAGES) == "llm"
+    assert compile_scope(validate_params({}), "cuda", 100) == "all"  # mode both: the towers run every step
     assert scope("cpu", train={"compile": "all"}) == "all"
     assert scope("cuda", train={"compile": "none"}) == "none"
 

@@ -58,10 +58,19 @@ class TrainResult:
     labels_cut: int = 0
 
 
-def compile_scope(params: Params, device: str) -> str:
+# Compiling the language model's layers costs about 40 s at the first steps of a run (H200, mode llm, batch 8:
+# a 2,000-page epoch from cached features took 74.9 s where its steady rate needs 37 s,
+# benchmarks/results/streaming_h200.json) and saves 1/29.6 - 1/49.1 s a page (H100: 29.6 -> 49.1 pages/s):
+# even at about 3,000 pages; a run with a third of the pages' features still to compute gains less per page.
+LLM_COMPILE_MIN_PAGES = 6000
+
+
+def compile_scope(params: Params, device: str, pages: int | None = None) -> str:
     """train.compile resolved. `auto` on CUDA compiles
     - the language model's layers, except with LoRA on the routed experts (PEFT rebuilds their parametrized
-      class at every forward, so the layer would recompile every step) or a 4-bit base (not measured);
+      class at every forward, so the layer would recompile every step) or a 4-bit base (not measured), and
+      except in mode llm with cached features when the run trains fewer than LLM_COMPILE_MIN_PAGES pages
+      (`pages`: pages x epochs), where compiling takes longer than it saves;
     - the vision towers' layers, except when they run once per page only (mode llm with cached features:
       compiling them takes longer than that one pass on a dataset under about a thousand pages).
     `auto` on CPU compiles nothing: it costs more there than it saves."""
@@ -69,8 +78,10 @@ def compile_scope(params: Params, device: str) -> str:
         return params.train.compile
     if not device.startswith("cuda"):
         return "none"
-    llm = not (params.lora.experts or params.model.load_in_4bit)
-    vision = not (params.lora.mode == "llm" and params.train.cache_vision_features)
+    cached = params.lora.mode == "llm" and params.train.cache_vision_features
+    short = cached and pages is not None and pages < LLM_COMPILE_MIN_PAGES
+    llm = not (params.lora.experts or params.model.load_in_4bit or short)
+    vision = not cached
     return {(True, True): "all", (True, False): "llm", (False, True): "vision", (False, False): "none"}[llm, vision]
 
 
@@ -214,20 +225,23 @@ def setup(params: Params, train_jsonl: str | Path, tracker: Tracker) -> Run:
     rank, device = distributed.setup(pick_device(tp.device))  # one process per GPU under torchrun
     dtype = pick_dtype(tp.dtype, device.split(":")[0])
 
+    records = JsonlPages(train_jsonl)
+    if not len(records):
+        raise ValueError(f"{train_jsonl} has no examples: nothing to train on")
+    steps_per_epoch = math.ceil(len(records) / (tp.batch_size * tp.grad_accum))
+    total_steps = tp.max_steps or tp.epochs * steps_per_epoch
+
     family, model, processor, base_path = load_base(params, device, dtype)
     model = attach_lora_from_params(model, family, params.lora)
     if tp.gradient_checkpointing:
         enable_checkpointing(model, tp.gradient_checkpointing)
-    if (scope := compile_scope(params, device)) != "none":
+    if (scope := compile_scope(params, device, total_steps * tp.batch_size * tp.grad_accum)) != "none":
         compile_layers(model, scope)
     n_trainable = trainable_parameters(model)
     peft_model = model
     if rank.enabled:
         model = DistributedDataParallel(model, device_ids=[rank.local_rank] if device.startswith("cuda") else None)
 
-    records = JsonlPages(train_jsonl)
-    if not len(records):
-        raise ValueError(f"{train_jsonl} has no examples: nothing to train on")
     cache = None
     if tp.cache_vision_features and params.lora.mode == "llm" and tp.feature_cache_gib > 0:
         cache = FeatureCache(tp.feature_cache_dir, model_key(params, base_path, dtype),
@@ -236,8 +250,6 @@ def setup(params: Params, train_jsonl: str | Path, tracker: Tracker) -> Run:
             cache.trim()
     dataset = TrainPages(records, family, processor, dtype, tp.max_label_tokens, cache)
 
-    steps_per_epoch = math.ceil(len(records) / (tp.batch_size * tp.grad_accum))
-    total_steps = tp.max_steps or tp.epochs * steps_per_epoch
     plan = step_plan(len(records), tp.batch_size, tp.grad_accum, total_steps, tp.seed,
                      lengths=records.target_chars if tp.group_by_length else None)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tp.learning_rate,
