@@ -161,7 +161,8 @@ class ModelParams(_Section):
     resolution: str = "nocrop"
     allow_download: bool = True
     load_in_4bit: bool = False  # QLoRA: base weights in 4 bits (bitsandbytes, CUDA only)
-    # SAM's relative-position attention through SDPA's flash kernels (models._deepseek.use_fused_sam_attention)
+    # SAM's relative-position attention through SDPA's flash kernels (models._deepseek.use_fused_sam_attention),
+    # on CUDA (slower than the plain attention on the CPU)
     fused_sam_attention: bool = True
     # Its kernel on CUDA: flash (v padded to q and k's head size) | cudnn (a shorter v; cuDNN attention,
     # 2.5% faster training of `both` on the H100; flash where cuDNN cannot train these head sizes)

@@ -291,6 +291,10 @@ def loop(run: Run, progress: bool = True) -> LoopStats:
     clock = WaitClock()
     step = run.first_step
     step_loss, step_tokens = None, 0
+    # The summed loss is divided by a bound on a step's target tokens before backward (the same on every rank,
+    # so DDP's average stays exact) and the gradients by the real count after (finish_step): gradients keep
+    # the size of a mean loss's, not thousands of times it, in bf16.
+    loss_scale = float(pages_per_step * (tp.max_label_tokens + 1))
     # chunked loss: the LM head runs outside the model during the steps, and is back before saving
     with lm_head_outside(run.peft_model, tp.logits_on_targets and tp.loss_chunk > 0) as head:
         bar = tqdm(initial=run.first_step, total=len(run.plan), desc="train", unit="step",
@@ -307,12 +311,12 @@ def loop(run: Run, progress: bool = True) -> LoopStats:
             # gradients all-reduced once per step, at its last micro-batch
             with contextlib.nullcontext() if mb.last_of_step or not rank.enabled else run.model.no_sync():
                 loss, tokens = summed_batch_loss(run.model, tensors, tp.logits_on_targets, head, tp.loss_chunk)
-                loss.backward()
+                (loss * (rank.world_size / loss_scale)).backward()
             step_loss = loss.detach().double() + (0 if step_loss is None else step_loss)  # on the GPU: no wait
             step_tokens += tokens
             if not mb.last_of_step:
                 continue
-            run.losses.append(finish_step(run, trainable, float(step_loss), step_tokens))
+            run.losses.append(finish_step(run, trainable, float(step_loss), step_tokens, loss_scale))
             step_loss, step_tokens = None, 0
             stats.step_ends.append(time.time())  # the loss above waited for the GPU: these are real step times
             if step == run.first_step:
@@ -343,18 +347,18 @@ def _ranks_per_host(rank: distributed.Dist) -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", rank.world_size))
 
 
-def finish_step(run: Run, trainable: list, loss_sum: float, tokens: int) -> float:
+def finish_step(run: Run, trainable: list, loss_sum: float, tokens: int, loss_scale: float) -> float:
     """The optimizer step once every micro-batch of the step is through backward; returns the step's loss.
 
-    Each process summed its tokens' losses; the step's loss is the mean over every target token of the global
-    batch, as on one GPU. DDP averaged the gradients over processes, so the world-size factor over the step's
-    token count (summed over processes) turns them into the gradient of that mean."""
+    Each process summed its tokens' losses and backpropagated them times world_size / loss_scale; DDP averaged
+    the gradients over processes. So loss_scale over the step's token count (summed over processes) turns them
+    into the gradient of the mean over every target token of the global batch, as on one GPU."""
     loss_sum, tokens = distributed.sum_across([loss_sum, float(tokens)], run.rank, run.device)
     tokens = max(tokens, 1.0)
     with torch.no_grad():
         for p in trainable:
             if p.grad is not None:
-                p.grad.mul_(run.rank.world_size / tokens)
+                p.grad.mul_(loss_scale / tokens)
     torch.nn.utils.clip_grad_norm_(trainable, 1.0)
     run.optimizer.step()
     run.schedule.step()
