@@ -1,3 +1,4 @@
+import json
 import shutil
 import subprocess
 import sys
@@ -81,6 +82,15 @@ def test_stage_reports_a_users_mistake_in_one_line(tmp_path):
     raw["model"]["base"] = str(tmp_path / "no-such-model")
     raw["tracking"]["enabled"] = False
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    # a dataset to train on: train() reads it before the (slow) model load, so a missing one is found first
+    from PIL import Image
+
+    from ocr_finetune.dataset import make_record
+
+    dataset = tmp_path / raw["data"]["dataset_dir"]
+    dataset.mkdir(parents=True)
+    Image.new("RGB", (40, 60), "white").save(dataset / "a_p1.png")
+    (dataset / "train.jsonl").write_text(json.dumps(make_record("a_p1.png", "<image>\nFree OCR.", "t", "a", 1)) + "\n")
     r = subprocess.run([sys.executable, str(ROOT / "stages" / "train.py")], cwd=tmp_path, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode != 0 and "no such checkpoint folder" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -27,7 +27,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from . import __version__, distributed
 from .checkpoint import Checkpoints, fingerprint
 from .compiled import compile_layers
-from .data import (TrainPages, WaitClock, default_workers, model_inputs, step_plan, to_device,  # noqa: F401
+from .data import (TrainPages, WaitClock, default_workers, model_inputs, step_plan, to_device,
                    train_batches)
 from .dataset import JsonlPages
 from .feature_cache import FeatureCache, model_key
