@@ -145,8 +145,9 @@ class JsonlPages:
             return _parse(f.readline(), self.path, i + 1, check_images=False)
 
     def images(self) -> Iterator[Path]:
-        for i in range(len(self)):
-            yield self[i].image
+        """Every record's image, in one pass over the file (not one open and seek a record)."""
+        for _, example in _records(self.path, check_images=False):
+            yield example.image
 
 
 def check_labels_complete(labels: list[PageLabel], pages_dir: Path) -> None:
