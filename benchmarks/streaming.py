@@ -10,6 +10,8 @@ Each row runs in a process of its own (model load reported apart):
                                 the row before stored (the reuse check; a second epoch costs the same).
                                 tags `varied` / `grouped`: the same pages (features from the cache) with labels
                                 of 3-100% of the length, without and with train.group_by_length.
+                                tag `warm`: the row again in a new process, torch.compile's on-disk caches
+                                filled by the run before (a user's second experiment on this machine).
   baseline:<mode>:<batch>       the same through the code before the change (`--baseline-src`, the previous
                                 commit's src/): every page encoded up front in the main process, kept in RAM.
   infer:<batch>                 `infer`'s own path (LocalTeacher -> infer_documents: workers read and
@@ -127,7 +129,9 @@ def train_params(args, mode: str, batch: int, tag: str, baseline: bool = False) 
         train["feature_cache_dir"] = f"{args.work}/features"
         train["group_by_length"] = tag == "grouped"
     return {"model": {"base": str(Path(args.work) / "model"), "resolution": "gundam", "allow_download": False},
-            "lora": {"mode": mode, "r": 16 if tag == "" else 32}, "train": train,
+            # another experiment on the same pages (another r) reads the cache; `warm` is the same run again in a
+            # new process, with torch's compile caches on disk from the run before
+            "lora": {"mode": mode, "r": 32 if tag in ("reuse", "varied", "grouped") else 16}, "train": train,
             "tracking": {"enabled": False}}
 
 

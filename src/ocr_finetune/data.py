@@ -317,4 +317,6 @@ def generation_batches(dataset: PromptPages, batch_size: int, workers: int,
                 inputs, width = dataset.family.collate_prompts([p for _, p in chunk], pad_id) if chunk else (None, 0)
                 yield GenerationBatch([i for i, _ in chunk], pin(inputs, pin_memory), width, failures)
                 chunk, failures = [], []
-    return background(batches(), depth=2)
+    # one batch ready beside the one decoding: preparing a batch takes a fraction of decoding it, and each
+    # batch in flight is batch_size pages of pixels (27 MiB a gundam page in bf16) in pinned host memory
+    return background(batches(), depth=1)

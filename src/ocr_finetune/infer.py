@@ -23,6 +23,9 @@ from .data import PromptPages, WaitClock, default_workers, generation_batches, t
 from .loading import adapter_params, load_base
 
 
+STATIC_CACHE_BUCKET = 256  # tokens: the static KV cache's length is a multiple of this
+
+
 class LocalModel:
     """A loaded model ready to transcribe: the family's functions, the model and its processor."""
 
@@ -61,10 +64,18 @@ class LocalModel:
         """generate() on inputs already prepared (data.generation_batches)."""
         inputs = to_device(inputs, self.device, self.dtype)
         tok = self.processor.tokenizer
+        static = {}
+        if self.static_cache:
+            # The compiled decoding step is specialised to the cache's length. Pages of other shapes (tilings)
+            # give other prompt widths; sized to the exact width, each new width would compile anew (tens of
+            # seconds, and eager decoding past torch's recompile limit). Rounded up to STATIC_CACHE_BUCKET, and
+            # transformers never shrinks it between calls, so a corpus compiles a few times at most.
+            need = width + max_new_tokens
+            static = {"cache_implementation": "static",
+                      "max_cache_len": -(-need // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET}
         out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                   no_repeat_ngram_size=no_repeat_ngram_size or None,
-                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                                  cache_implementation="static" if self.static_cache else None)
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **static)
         results = []
         for row in out[:, width:].cpu():
             stopped = bool((row == tok.eos_token_id).any())
