@@ -36,8 +36,8 @@ def test_tiny_model_learns_to_read_two_pages(tmp_path, models_cache):
 
     params = validate_params({
         "model": {"cache_dir": str(models_cache)},
-        "lora": {"mode": "both", "r": 16, "alpha": 32},
-        "train": {"max_steps": 120, "batch_size": 2, "learning_rate": 3e-3, "output_dir": str(tmp_path / "adapter")},
+        "lora": {"mode": "llm", "r": 16, "alpha": 32},
+        "train": {"max_steps": 60, "batch_size": 2, "learning_rate": 3e-3, "output_dir": str(tmp_path / "adapter")},
         "tracking": {"enabled": False},
     })
     from ocr_finetune.train import train

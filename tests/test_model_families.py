@@ -418,7 +418,9 @@ def test_checkpointing_scopes_keep_loss_and_gradients(checkpoints, family_name):
         assert torch.allclose(results[scope][1], results[False][1], rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("family_name", ["deepseek-ocr2", "deepseek-ocr"])
+# DeepSeek-OCR (v1) goes through the same wrapper (compiled.py); its run here (30 s of CPU compiling) was cut
+# for the suite's time
+@pytest.mark.parametrize("family_name", ["deepseek-ocr2"])
 def test_compiled_layers_give_the_eager_loss_and_gradients(checkpoints, family_name):
     """train.compile (compiled.py): layers compiled in place, inside transformers' gradient checkpointing,
     give the eager step's loss and LoRA gradients (fp32, CPU inductor), over views of two grid sizes."""

@@ -37,7 +37,7 @@ def write_pages(folder, n, size=(620, 877), label_words=6):
 
 def llm_params(tmp_path, models_cache, name, **train):
     return validate_params({
-        "model": {"cache_dir": str(models_cache), "resolution": "nocrop"},
+        "model": {"cache_dir": str(models_cache), "resolution": "tiny"},
         "lora": {"mode": "llm", "r": train.pop("r", 8)},
         "train": {"device": "cpu", "batch_size": 2, "epochs": 1, "max_label_tokens": 32, "learning_rate": 1e-3,
                   "save_every": 0, "output_dir": str(tmp_path / name / "adapter"),
@@ -125,13 +125,14 @@ def peak_rss_gib(*args) -> float:
     return main + workers
 
 
-def test_host_memory_is_flat_in_the_corpus_size(tmp_path, models_cache):
+def test_host_memory_is_flat_in_the_corpus_size(tmp_path, tiny_v1_dir):
     """One epoch of training (LoRA llm, features computed and stored as pages come) and infer, each over 40
-    and over 400 A4-shaped pages: peak host RSS differs by less than 1 GiB. Read in the nocrop view (one
-    768px view a page) to keep the suite's time: gundam's seven views cost the tiny model's vision tower
+    and over 400 A4-shaped pages: peak host RSS differs by less than 1 GiB. Read by DeepSeek-OCR (v1; the data path
+    is the families' shared one) in its `tiny` view (one 512px view a page) to keep the suite's time: gundam's seven views cost the tiny model's vision tower
     ~1 s a page on this CPU, 15 minutes for the four runs. Every page's pixels kept, as before, would still
-    cost 7 MiB a page here (float32), 2.5 GiB more for 400 pages; at gundam size on the GPU the host grew
-    2.7 GiB over 2,000 pages (benchmarks/results/streaming_h200.json)."""
+    cost 3 MiB a page here (float32), 1.2 GiB more for 400 pages (the decoded page images
+    another 0.6 GiB); at gundam size on the GPU the host grew 2.7 GiB over 2,000 pages
+    (benchmarks/results/streaming_h200.json)."""
     import yaml
 
     peaks = {}
@@ -140,7 +141,7 @@ def test_host_memory_is_flat_in_the_corpus_size(tmp_path, models_cache):
         data = write_pages(folder, n, label_words=3)
         params = folder / "params.yaml"
         params.write_text(yaml.safe_dump({
-            "model": {"cache_dir": str(models_cache), "resolution": "nocrop"},
+            "model": {"family": "deepseek-ocr", "base": str(tiny_v1_dir), "resolution": "tiny"},
             "lora": {"mode": "llm", "r": 4},
             "train": {"device": "cpu", "batch_size": 8, "epochs": 1, "max_label_tokens": 16,
                       "save_every": 0, "output_dir": str(folder / "adapter"), "checkpoint_dir": str(folder / "ckpt"),

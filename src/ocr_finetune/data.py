@@ -61,11 +61,15 @@ class WaitClock:
 
     def __init__(self):
         self.start, self.waited = time.perf_counter(), 0.0
+        self.first_wait: float | None = None  # the wait for the first item: workers starting, the first batch
 
     def wait_for(self, items: Iterator):
         t = time.perf_counter()
         item = next(items)
-        self.waited += time.perf_counter() - t
+        waited = time.perf_counter() - t
+        self.waited += waited
+        if self.first_wait is None:
+            self.first_wait = waited
         return item
 
     def iterate(self, items: Iterable) -> Iterator:

@@ -48,6 +48,7 @@ class LocalModel:
         self.model = load_adapter(model, adapter_dir) if adapter_dir is not None else model
         self.model.eval()
         self.data_wait_fraction = 0.0  # share of the last stream() spent waiting for pages to be prepared
+        self.first_wait_s = None  # of that, seconds waited for the first batch
 
     def transcribe(self, images: list, prompt: str, max_new_tokens: int, no_repeat_ngram_size: int = 0) -> list[str]:
         return [text for text, _ in self.generate(images, prompt, max_new_tokens, no_repeat_ngram_size)]
@@ -101,7 +102,7 @@ class LocalModel:
                 answers = self.generate_batch(batch.inputs, batch.width, max_new_tokens, no_repeat_ngram_size)
                 bar.update(len(answers))
                 yield from ((i, text, finish) for i, (text, finish) in zip(batch.indices, answers))
-            self.data_wait_fraction = clock.fraction
+            self.data_wait_fraction, self.first_wait_s = clock.fraction, clock.first_wait
             bar.set_postfix(data_wait=f"{clock.fraction:.0%}")
         bar.close()
 
