@@ -13,7 +13,10 @@ from ocr_finetune.params import validate_params
 from ocr_finetune.pdf import render_pages
 from ocr_finetune.teachers.base import PageLabel
 
-LABELS = {"invoice": "# Invoice\n\nTotal: 120 EUR", "memo": "# 회의록\n\n- 참석: 김민수"}
+# the invoice's table cells are special tokens in this tokenizer, as in DeepSeek-OCR's: read back only if
+# decoding keeps special tokens, as the official code does
+LABELS = {"invoice": "# Invoice\n\n<table><tr><td>Total</td><td>120 EUR</td></tr></table>",
+          "memo": "# 회의록\n\n- 참석: 김민수"}
 
 
 def make_pdfs(folder):
@@ -49,7 +52,7 @@ def test_tiny_model_learns_to_read_two_pages(tmp_path, models_cache):
     model = LocalModel(params, adapter_dir=tmp_path / "adapter", device="cpu")
     pages = sorted((tmp_path / "pages").glob("*.png"))
     outputs = {p.name.split("_p")[0]: text for p, text in
-               transcribe_paths(model, pages, prompt, max_new_tokens=24, progress=False)}
+               transcribe_paths(model, pages, prompt, max_new_tokens=48, progress=False)}
     for doc, label in LABELS.items():
         assert cer(label, outputs[doc]) <= 0.1, (doc, outputs)
     assert outputs["invoice"] != outputs["memo"]

@@ -37,7 +37,7 @@ def write_pages(folder, n, size=(620, 877), label_words=6):
 
 def llm_params(tmp_path, models_cache, name, **train):
     return validate_params({
-        "model": {"cache_dir": str(models_cache), "resolution": "tiny"},
+        "model": {"cache_dir": str(models_cache), "resolution": "nocrop"},
         "lora": {"mode": "llm", "r": train.pop("r", 8)},
         "train": {"device": "cpu", "batch_size": 2, "epochs": 1, "max_label_tokens": 32, "learning_rate": 1e-3,
                   "save_every": 0, "output_dir": str(tmp_path / name / "adapter"),

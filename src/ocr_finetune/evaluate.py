@@ -39,7 +39,8 @@ def evaluate(params: Params, eval_jsonl: str | Path, adapter_dir: str | Path | N
     for name, adapter in systems.items():
         model = LocalModel(params, adapter_dir=adapter, device=params.train.device)
         by_path = dict(transcribe_paths(model, [e.image for e in examples], prompt, ep.max_new_tokens,
-                                        ep.batch_size, ep.no_repeat_ngram_size, progress=progress))
+                                        ep.batch_size, ep.no_repeat_ngram_size, progress=progress,
+                                        no_repeat_window=ep.no_repeat_window))
         outputs[name] = [by_path[e.image] for e in examples]
         del model
 

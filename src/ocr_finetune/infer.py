@@ -12,6 +12,9 @@ from typing import Iterable, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from transformers import LogitsProcessorList
+
+from .decoding import WindowedNoRepeatNGram, decode_generated, exempt_ids
 from .lora import load_adapter
 from .models.base import load_image
 from .dataset import make_record
@@ -50,19 +53,22 @@ class LocalModel:
         self.data_wait_fraction = 0.0  # share of the last stream() spent waiting for pages to be prepared
         self.first_wait_s = None  # of that, seconds waited for the first batch
 
-    def transcribe(self, images: list, prompt: str, max_new_tokens: int, no_repeat_ngram_size: int = 0) -> list[str]:
-        return [text for text, _ in self.generate(images, prompt, max_new_tokens, no_repeat_ngram_size)]
+    def transcribe(self, images: list, prompt: str, max_new_tokens: int, no_repeat_ngram_size: int = 0,
+                   no_repeat_window: int = 90) -> list[str]:
+        return [text for text, _ in self.generate(images, prompt, max_new_tokens, no_repeat_ngram_size,
+                                                  no_repeat_window)]
 
     def generate(self, images: list, prompt: str, max_new_tokens: int,
-                 no_repeat_ngram_size: int = 0) -> list[tuple[str, str]]:
+                 no_repeat_ngram_size: int = 0, no_repeat_window: int = 90) -> list[tuple[str, str]]:
         """Greedy transcriptions of a batch of page images, each with its finish reason (`stop` or `length`)."""
         inputs, width = self.family.generation_inputs(self.processor, images, prompt)
-        return self.generate_batch(inputs, width, max_new_tokens, no_repeat_ngram_size)
+        return self.generate_batch(inputs, width, max_new_tokens, no_repeat_ngram_size, no_repeat_window)
 
     @torch.inference_mode()
     def generate_batch(self, inputs: dict, width: int, max_new_tokens: int,
-                       no_repeat_ngram_size: int = 0) -> list[tuple[str, str]]:
-        """generate() on inputs already prepared (data.generation_batches)."""
+                       no_repeat_ngram_size: int = 0, no_repeat_window: int = 90) -> list[tuple[str, str]]:
+        """generate() on inputs already prepared (data.generation_batches): greedy, with the official no-repeat
+        guard when `no_repeat_ngram_size` > 0, decoded as the official code decodes (decoding.py)."""
         inputs = to_device(inputs, self.device, self.dtype)
         tok = self.processor.tokenizer
         static = {}
@@ -74,17 +80,19 @@ class LocalModel:
             need = width + max_new_tokens
             static = {"cache_implementation": "static",
                       "max_cache_len": -(-need // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET}
-        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                  no_repeat_ngram_size=no_repeat_ngram_size or None,
+        guard = LogitsProcessorList()
+        if no_repeat_ngram_size:
+            guard.append(WindowedNoRepeatNGram(no_repeat_ngram_size, no_repeat_window, width, exempt_ids(tok)))
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=guard,
                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **static)
         results = []
         for row in out[:, width:].cpu():
-            stopped = bool((row == tok.eos_token_id).any())
-            results.append((tok.decode(row, skip_special_tokens=True).strip(), "stop" if stopped else "length"))
+            text, stopped = decode_generated(tok, row)
+            results.append((text, "stop" if stopped else "length"))
         return results
 
     def stream(self, images: list, prompt: str, max_new_tokens: int, batch_size: int = 1,
-               no_repeat_ngram_size: int = 0, progress: bool = True,
+               no_repeat_ngram_size: int = 0, progress: bool = True, no_repeat_window: int = 90,
                desc: str = "transcribe") -> Iterator[tuple[int, str | None, str]]:
         """Transcribe page image files in batches, reading and preprocessing them in worker processes while the
         GPU decodes the batch before. Yields (index into images, text, finish reason) as batches finish, and
@@ -99,7 +107,8 @@ class LocalModel:
                 bar.update(1)
                 yield i, None, reason
             if batch.inputs is not None:
-                answers = self.generate_batch(batch.inputs, batch.width, max_new_tokens, no_repeat_ngram_size)
+                answers = self.generate_batch(batch.inputs, batch.width, max_new_tokens, no_repeat_ngram_size,
+                                              no_repeat_window)
                 bar.update(len(answers))
                 yield from ((i, text, finish) for i, (text, finish) in zip(batch.indices, answers))
             self.data_wait_fraction, self.first_wait_s = clock.fraction, clock.first_wait
@@ -108,11 +117,12 @@ class LocalModel:
 
 
 def transcribe_paths(model: LocalModel, paths: Iterable[Path], prompt: str, max_new_tokens: int,
-                     batch_size: int = 1, no_repeat_ngram_size: int = 0,
+                     batch_size: int = 1, no_repeat_ngram_size: int = 0, no_repeat_window: int = 90,
                      progress: bool = True) -> Iterator[tuple[Path, str]]:
     """(path, text) for every page; a page that cannot be read raises (evaluate needs every page)."""
     paths = list(paths)
-    for i, text, finish in model.stream(paths, prompt, max_new_tokens, batch_size, no_repeat_ngram_size, progress):
+    for i, text, finish in model.stream(paths, prompt, max_new_tokens, batch_size, no_repeat_ngram_size, progress,
+                                        no_repeat_window):
         if text is None:
             raise ValueError(f"{paths[i]}: {finish}")
         yield paths[i], text

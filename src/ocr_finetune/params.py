@@ -115,8 +115,11 @@ class LocalTeacherParams(_Section):
 
     adapter: str | None = None
     batch_size: int = Field(4, ge=1)
-    max_new_tokens: int = Field(2048, ge=1)
-    no_repeat_ngram_size: int = Field(30, ge=0)
+    # The official inference code's limits for rendered PDF pages: 8192 new tokens; no n-gram of 20 tokens
+    # twice within the last 50 generated (table-cell tags exempt; 0 = no guard).
+    max_new_tokens: int = Field(8192, ge=1)
+    no_repeat_ngram_size: int = Field(20, ge=0)
+    no_repeat_window: int = Field(50, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -261,9 +264,11 @@ class TrainParams(_Section):
 
 class EvaluateParams(_Section):
     split: Literal["eval", "train"] = "eval"
-    max_new_tokens: int = Field(256, ge=1)
+    # the official evaluation's limits: 8192 new tokens, no 40-gram twice within the last 90 tokens
+    max_new_tokens: int = Field(8192, ge=1)
     batch_size: int = Field(2, ge=1)
-    no_repeat_ngram_size: int = Field(0, ge=0)
+    no_repeat_ngram_size: int = Field(40, ge=0)
+    no_repeat_window: int = Field(90, ge=1)
     # Normalisation applied to reference and output alike before every score (docs/evaluation.md).
     unicode: Literal["NFC", "NFKC", "none"] = "NFC"
     collapse_whitespace: bool = True

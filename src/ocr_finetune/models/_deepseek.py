@@ -27,6 +27,30 @@ EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 LIST_VIEWS = ("num_local_patches", "patches_grid")
 
 
+def official_global_view(processor, image, target: int, background_color, resample):
+    """The global view as the official inference code makes it, `ImageOps.pad(image, (target, target))`:
+    resized to fit (sizes rounded as PIL rounds them) and pasted at round(margin / 2). transformers' processor
+    pads with floor(margin / 2): a quarter of page sizes land one pixel off (US letter at 1280: x 145 vs 146).
+    `image` is channels-first (the processors' PIL backend)."""
+    import numpy as np
+    from transformers.image_utils import SizeDict
+
+    channels, height, width = image.shape
+    if width / height == 1.0:
+        return processor.resize(image, SizeDict(height=target, width=target), resample=resample)
+    if width > height:
+        new_w, new_h = target, round(height / width * target)
+    else:
+        new_w, new_h = round(width / height * target), target
+    if (new_h, new_w) != (height, width):
+        image = processor.resize(image, SizeDict(height=new_h, width=new_w), resample=resample)
+    out = np.empty((channels, target, target), dtype=image.dtype)
+    out[:] = np.asarray(background_color, dtype=image.dtype).reshape(-1, 1, 1)
+    y, x = round((target - new_h) * 0.5), round((target - new_w) * 0.5)
+    out[:, y:y + new_h, x:x + new_w] = image
+    return out
+
+
 def tiny_tokenizer():
     """A byte-level BPE trained in code on fixed text: covers every string, downloads nothing."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -39,7 +63,9 @@ def tiny_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = [BOS, EOS, PAD, "<image>", "<|User|>", "<|Assistant|>", "<|grounding|>"]
+    # special as in DeepSeek-OCR's tokenizer, the grounding and table tags included: decoding must keep them
+    specials = [BOS, EOS, PAD, "<image>", "<|User|>", "<|Assistant|>", "<|grounding|>", "<|ref|>", "<|/ref|>",
+                "<|det|>", "<|/det|>", "<td>", "</td>", "<tr>", "</tr>"]
     trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus * 4, trainer)

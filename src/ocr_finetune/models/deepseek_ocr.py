@@ -115,10 +115,7 @@ class UnlimitedOcrImageProcessorPil(DeepseekOcr2ImageProcessorPil):
             if not crop_to_patches and target <= maximum_pad_value:
                 view = self.resize(image, SizeDict(height=target, width=target), resample=resample)
             else:
-                scale = target / max(height, width)
-                view = self.resize(image, SizeDict(height=round(height * scale), width=round(width * scale)),
-                                   resample=resample)
-                view = self.pad_to_square(view, background_color=background_color)
+                view = _deepseek.official_global_view(self, image, target, background_color, resample)
             global_views.append(finish(view))
         data = {"pixel_values": global_views, "num_local_patches": num_local, "patches_grid": grids}
         if local:

@@ -17,6 +17,8 @@ from transformers import (
     DeepseekOcr2ImageProcessorPil,
     DeepseekOcr2Processor,
 )
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import SizeDict, get_image_size
 
 from . import _deepseek
 from ._deepseek import (  # noqa: F401
@@ -36,9 +38,47 @@ NAME = "deepseek-ocr2"
 DEFAULT_CHECKPOINT = "deepseek-community/DeepSeek-OCR-2"
 
 # Image views per page. Token counts: 256 (1024px global view) + 144 per 768px tile + 1 separator.
+class OfficialImageProcessorPil(DeepseekOcr2ImageProcessorPil):
+    """transformers' DeepSeek-OCR-2 processor (tiles, mean/std, outputs unchanged) with the global view the
+    official inference code gives the model: padded as `ImageOps.pad` pads (round, not floor, for the
+    margin), and without tiles (`nocrop`) the page stretched to one square view, as the official non-crop
+    input is, where transformers pads it."""
+
+    def _preprocess(self, images, size: SizeDict, resample, do_rescale: bool, rescale_factor: float,
+                    do_normalize: bool, image_mean, image_std, return_tensors, crop_to_patches: bool = True,
+                    min_patches: int = 2, max_patches: int = 6, tile_size: int = 768, background_color=None,
+                    **kwargs) -> BatchFeature:
+        background_color = background_color or self.background_color
+
+        def finish(x):
+            x = self.rescale(x, rescale_factor) if do_rescale else x
+            return self.normalize(x, image_mean, image_std) if do_normalize else x
+
+        local, global_views, num_local = [], [], []
+        for image in images:
+            height, width = get_image_size(image)
+            if crop_to_patches and max(height, width) > tile_size:
+                patches = self.crop_image_to_patches(image, min_patches=min_patches, max_patches=max_patches,
+                                                     tile_size=tile_size, resample=resample)
+                local += [finish(p) for p in patches]
+                num_local.append(len(patches))
+            else:
+                num_local.append(0)
+            if crop_to_patches:
+                view = _deepseek.official_global_view(self, image, size.height, background_color, resample)
+            else:
+                view = self.resize(image, SizeDict(height=tile_size, width=tile_size), resample=resample)
+            global_views.append(finish(view))
+        data = {"pixel_values": global_views, "num_local_patches": num_local}
+        if local:
+            data["pixel_values_local"] = local
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+
 RESOLUTIONS = {
     # One 768px view, no tiles: 145 image tokens. The processor would count a 1024 global view (257 tokens)
     # unless `size` is 768 too, so both are set together.
+    # The page stretched to the square (the official non-crop input), not padded.
     "nocrop": {"crop_to_patches": False, "size": {"height": 768, "width": 768}},
     # 1024px global view + 2..6 tiles of 768px for pages larger than one tile (0 tiles otherwise).
     "gundam": {"crop_to_patches": True, "size": {"height": 1024, "width": 1024}, "min_patches": 2,
@@ -122,7 +162,7 @@ def checkpoint_dir(base: str, cache_dir: str | Path, allow_download: bool = True
 
 def load_processor(path: str | Path, resolution: str) -> DeepseekOcr2Processor:
     tokenizer = AutoTokenizer.from_pretrained(path)
-    image_processor = DeepseekOcr2ImageProcessorPil.from_pretrained(path, **RESOLUTIONS[resolution])
+    image_processor = OfficialImageProcessorPil.from_pretrained(path, **RESOLUTIONS[resolution])
     return _deepseek.with_preset(DeepseekOcr2Processor(image_processor=image_processor, tokenizer=tokenizer),
                                  RESOLUTIONS[resolution])
 

@@ -15,6 +15,10 @@ from .prompts import Prompt
 from .quality import answer_label
 
 
+# in the cache key: answers decoded before special tokens were kept (tables without their tags) are not reused
+DECODING = "special-tokens-kept"
+
+
 class LocalTeacher:
     name = "local"
 
@@ -45,7 +49,8 @@ class LocalTeacher:
         return {"teacher": "local", "family": m.family, "base": m.base, "resolution": m.resolution,
                 "adapter": hashlib.sha256(weights.read_bytes()).hexdigest() if weights and weights.is_file() else None,
                 "prompt": self.prompt, "max_new_tokens": self.config.max_new_tokens,
-                "no_repeat_ngram_size": self.config.no_repeat_ngram_size}
+                "no_repeat_ngram_size": self.config.no_repeat_ngram_size,
+                "no_repeat_window": self.config.no_repeat_window, "decoding": DECODING}
 
     def to_label(self, page: PageInput, entry: dict) -> PageLabel:
         return answer_label(page, entry, self.name, self.max_repeat_fraction)
@@ -67,7 +72,8 @@ class LocalTeacher:
         if not todo:
             return
         answers = self.model.stream([page.image for page, _ in todo], self.prompt, self.config.max_new_tokens,
-                                    self.config.batch_size, self.config.no_repeat_ngram_size, progress=False)
+                                    self.config.batch_size, self.config.no_repeat_ngram_size, progress=False,
+                                    no_repeat_window=self.config.no_repeat_window)
         for i, text, finish in answers:
             page, key = todo[i]
             if text is None:  # a broken image fails its page, not the run

@@ -1,0 +1,75 @@
+"""The seed README's commands and config files, as its users copy them (issue 17)."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from ocr_finetune.params import ParamsError, Params
+from ocr_finetune.seed_config import load_train_config
+
+SAMPLES = ROOT / "data" / "samples" / "pdfs"
+
+
+def main_py(*args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_the_example_train_config_maps_onto_params(tmp_path):
+    params = load_train_config(ROOT / "config" / "examples" / "train_config.example.yaml", Params())
+    raw = yaml.safe_load((ROOT / "config" / "examples" / "train_config.example.yaml").read_text())
+    assert params.model.family == "deepseek-ocr" and params.model.base == raw["model"]["base_model_path"]
+    assert params.model.resolution == "gundam"  # image_size 640, base_size 1024, crop_mode true
+    assert params.lora.r == raw["lora"]["r"] and params.lora.alpha == raw["lora"]["lora_alpha"]
+    assert params.train.batch_size == raw["training"]["per_device_train_batch_size"]
+    assert params.train.grad_accum == raw["training"]["gradient_accumulation_steps"]
+    assert params.train.max_steps == raw["training"]["max_steps"]
+    assert params.train.save_every == raw["training"]["save_steps"]
+    assert params.train.log_every == raw["training"]["logging_steps"]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"image": {"image_size": 700, "base_size": 1024, "crop_mode": True}},
+     "is not a preset of deepseek-ocr (allowed presets: Tiny: image_size 512"),
+    ({"training": {"learning_rate": -1}}, "`training.learning_rate`"),
+    ({"lora": {"rank": 8}}, "unknown key(s) lora.rank"),
+])
+def test_a_mistake_in_the_train_config_names_the_key_as_written(tmp_path, change, message):
+    raw = yaml.safe_load((ROOT / "config" / "examples" / "train_config.example.yaml").read_text())
+    for section, values in change.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    path = tmp_path / "train_config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError) as e:
+        load_train_config(path, Params())
+    assert message in str(e.value)
+
+
+def test_pdf2img_as_the_seed_readme_writes_it(tmp_path):
+    """`python main.py pdf2img --source document.pdf --output ./images --dpi 300`, and without --output
+    (default ./output_images), from a folder with no params.yaml."""
+    shutil.copy(SAMPLES / "korean_memo.pdf", tmp_path / "document.pdf")
+    r = main_py("pdf2img", "--source", "document.pdf", "--output", "./images", "--dpi", 40, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "images" / "document_p1.png").is_file()
+    r = main_py("pdf2img", "--source", "document.pdf", "--dpi", 40, "--format", "jpg", "--start-page", 1,
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "output_images" / "document_p1.jpg").is_file()
+
+
+def test_train_mode_and_config_are_the_seed_spellings(tmp_path, models_cache):
+    """`train --mode llm --config config/train_config.yaml`: the mode and the seed-shaped config reach
+    training (inspect reads the same options), from a folder without params.yaml."""
+    (tmp_path / "config").mkdir()
+    raw = yaml.safe_load((ROOT / "config" / "examples" / "train_config.example.yaml").read_text())
+    raw["model"]["base_model_path"] = str(models_cache / "tiny")  # the tiny DeepSeek-OCR-2 built offline
+    raw["image"] = {"image_size": 768, "base_size": 768, "crop_mode": False}
+    (tmp_path / "config" / "train_config.yaml").write_text(yaml.safe_dump(raw))
+    r = main_py("inspect", "--mode", "llm", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "llm" in r.stdout
