@@ -62,14 +62,29 @@ def test_pdf2img_as_the_seed_readme_writes_it(tmp_path):
     assert (tmp_path / "output_images" / "document_p1.jpg").is_file()
 
 
-def test_train_mode_and_config_are_the_seed_spellings(tmp_path, models_cache):
-    """`train --mode llm --config config/train_config.yaml`: the mode and the seed-shaped config reach
-    training (inspect reads the same options), from a folder without params.yaml."""
+def test_train_mode_and_config_are_the_seed_spellings(tmp_path, tiny_v1_dir, sample_dataset):
+    """`python main.py train --dataset data.jsonl --mode llm` from a folder without params.yaml, reading the
+    seed-shaped config/train_config.yaml: mode, rank, steps, preset and module names reach the adapter."""
+    import json
+
     (tmp_path / "config").mkdir()
     raw = yaml.safe_load((ROOT / "config" / "examples" / "train_config.example.yaml").read_text())
-    raw["model"]["base_model_path"] = str(models_cache / "tiny")  # the tiny DeepSeek-OCR-2 built offline
-    raw["image"] = {"image_size": 768, "base_size": 768, "crop_mode": False}
+    raw["model"]["base_model_path"] = str(tiny_v1_dir)  # a tiny DeepSeek-OCR built offline
+    raw["lora"].update(r=4, llm_target_modules=["q_proj", "v_proj"])
+    raw["training"].update(max_steps=2, save_steps=0, per_device_train_batch_size=2,
+                           gradient_accumulation_steps=1)
+    raw["image"] = {"image_size": 512, "base_size": 512, "crop_mode": False}  # Tiny
     (tmp_path / "config" / "train_config.yaml").write_text(yaml.safe_dump(raw))
-    r = main_py("inspect", "--mode", "llm", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "llm" in r.stdout
+    r = main_py("train", "--dataset", sample_dataset, "--mode", "llm", "--output", "adapter",
+                "-S", "train.device=cpu", "-S", "tracking.enabled=false", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads((tmp_path / "adapter" / "ocr_finetune.json").read_text())
+    text = json.dumps(record)
+    assert '"llm"' in text and '"tiny"' in text, text[:2000]
+    adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4
+    from safetensors.torch import load_file
+
+    names = load_file(tmp_path / "adapter" / "adapter_model.safetensors").keys()
+    assert names and all(".q_proj." in n or ".v_proj." in n for n in names), sorted(names)[:6]
+    assert all("language_model" in n for n in names)

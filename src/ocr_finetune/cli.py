@@ -10,7 +10,28 @@ from .params import ParamsError, load_params
 
 
 def _params(args):
-    return apply_overrides(load_params(args.params), getattr(args, "set", None) or [])
+    """params.yaml (or --params), then a train config (train --config), then --mode and --set. Without a
+    params.yaml where none was named, the built-in defaults: every command works from any folder."""
+    from .params import Params
+
+    if args.params == DEFAULT_PARAMS and not Path(DEFAULT_PARAMS).exists():
+        params = Params()
+    else:
+        params = load_params(args.params)
+    config = getattr(args, "train_config", None)
+    if config is not None:
+        from .seed_config import load_train_config
+
+        if config != DEFAULT_TRAIN_CONFIG or Path(config).is_file():
+            params = load_train_config(config, params)
+    overrides = list(getattr(args, "set", None) or [])
+    if getattr(args, "mode", None) and args.command != "inspect":
+        overrides.insert(0, f"lora.mode={args.mode}")
+    return apply_overrides(params, overrides)
+
+
+DEFAULT_PARAMS = "params.yaml"
+DEFAULT_TRAIN_CONFIG = "config/train_config.yaml"  # the seed README's path: read when it exists
 
 
 def apply_overrides(params, overrides: list[str]):
@@ -185,14 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     def with_params(p):
-        p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        p.add_argument("--params", default=DEFAULT_PARAMS,
+                       help="params file (default: params.yaml; built-in defaults where there is none)")
         p.add_argument("--set", "-S", action="append", metavar="SECTION.KEY=VALUE",
                        help="override one param, validated like params.yaml (repeatable)")
         return p
 
     p = sub.add_parser("pdf2img", help="render PDF pages to images")
-    p.add_argument("--pdf", required=True, help="a PDF file or a directory of PDFs")
-    p.add_argument("--output", "-o", required=True)
+    p.add_argument("--source", "--pdf", dest="pdf", required=True, help="a PDF file or a directory of PDFs")
+    p.add_argument("--output", "-o", default="./output_images", help="default: ./output_images")
     p.add_argument("--dpi", type=int, default=200)
     p.add_argument("--format", choices=["png", "jpg"], default="png")
     p.add_argument("--start-page", type=int, default=1)
@@ -219,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_params(sub.add_parser("train", help="LoRA fine-tune on a JSONL dataset"))
     p.add_argument("--dataset", default="data/dataset/train.jsonl")
+    p.add_argument("--mode", choices=["vision", "llm", "both"], help="LoRA mode (default: lora.mode)")
+    p.add_argument("--config", dest="train_config", default=DEFAULT_TRAIN_CONFIG,
+                   help="a train config, the seed's shape or params sections (default: config/train_config.yaml "
+                        "where it exists; config/examples/train_config.example.yaml shows it)")
     p.add_argument("--output", help="adapter directory (default: train.output_dir)")
     p.add_argument("--metrics-dir", default=None)
     p.add_argument("--resume", action="store_true",

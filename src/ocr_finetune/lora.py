@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -24,9 +25,27 @@ def attach_lora(model, targets: str, r: int, alpha: int, dropout: float,
     return model
 
 
+def restrict_targets(targets: str, vision_modules: list[str] | None, llm_modules: list[str] | None) -> str:
+    """`targets` (a regex over full module paths) narrowed to the given module names in each tower (None: no
+    narrowing there), as a lookahead in front of it: PEFT fullmatches the one regex."""
+    if vision_modules is None and llm_modules is None:
+        return targets
+
+    def tower(marker: str, names: list[str] | None) -> str:
+        if names is None:
+            return rf".*\.{marker}\..*"
+        if not names:
+            return "(?!)"
+        return rf".*\.{marker}\..*\.(?:{'|'.join(re.escape(n) for n in names)})"
+
+    return rf"(?=(?:{tower('vision_tower', vision_modules)}|{tower('language_model', llm_modules)})$){targets}"
+
+
 def attach_lora_from_params(model, family, lora) -> PeftModel:
-    """attach_lora as `params.lora` asks (mode, rank, alpha, dropout, experts, compute) for this family."""
-    return attach_lora(model, family.lora_targets(lora.mode), lora.r, lora.alpha, lora.dropout,
+    """attach_lora as `params.lora` asks (mode, rank, alpha, dropout, experts, compute, module names) for this
+    family."""
+    targets = restrict_targets(family.lora_targets(lora.mode), lora.vision_modules, lora.llm_modules)
+    return attach_lora(model, targets, lora.r, lora.alpha, lora.dropout,
                        family.EXPERT_PARAMETERS if lora.experts else None, lora.compute)
 
 

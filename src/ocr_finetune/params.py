@@ -193,6 +193,10 @@ class LoraParams(_Section):
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     experts: bool = False  # also adapt the routed experts (fused parameters, through PEFT target_parameters)
+    # only these module names (the last part of a path, e.g. q_proj) among the mode's targets in each tower;
+    # null = all of them (the seed config's vision_target_modules / llm_target_modules)
+    vision_modules: list[str] | None = None
+    llm_modules: list[str] | None = None
     # LoRA branches computed in the model's dtype (bf16 on GPU) with float32 weights (lora.compute_in_model_dtype),
     # or wholly in float32 as PEFT does by default (slower: a float32 copy of every adapted layer's input).
     compute: Literal["model_dtype", "float32"] = "model_dtype"
