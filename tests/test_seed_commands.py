@@ -88,3 +88,23 @@ def test_train_mode_and_config_are_the_seed_spellings(tmp_path, tiny_v1_dir, sam
     names = load_file(tmp_path / "adapter" / "adapter_model.safetensors").keys()
     assert names and all(".q_proj." in n or ".v_proj." in n for n in names), sorted(names)[:6]
     assert all("language_model" in n for n in names)
+
+
+def commands(markdown: str) -> list[str]:
+    """The command lines in a README's code blocks (comments after `#` dropped, spacing normalised)."""
+    import re
+
+    found = []
+    for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", markdown, re.S):
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            if re.match(r"(ocr-finetune|python main\.py|dvc|make)\b", line):
+                found.append(" ".join(line.split()))
+    return found
+
+
+def test_the_korean_readme_lists_the_english_readmes_commands():
+    english = commands((ROOT / "README.md").read_text(encoding="utf-8"))
+    korean = commands((ROOT / "README.ko.md").read_text(encoding="utf-8"))
+    assert len(english) > 15
+    assert sorted(set(english)) == sorted(set(korean))
