@@ -1,5 +1,6 @@
 """The seed README's commands and config files, as its users copy them (issue 17)."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -108,3 +109,52 @@ def test_the_korean_readme_lists_the_english_readmes_commands():
     korean = commands((ROOT / "README.ko.md").read_text(encoding="utf-8"))
     assert len(english) > 15
     assert sorted(set(english)) == sorted(set(korean))
+
+
+def test_infer_with_a_seed_teacher_config_against_a_real_server(tmp_path):
+    """`python main.py infer --pdf document.pdf --config config/teacher_api.yaml --task document` with the
+    seed-shaped config: its model, limits and key variable reach the server, `output.format` is the default
+    format, `output.save_images: false` leaves no page images, and `--output` defaults to ./output."""
+    from openai_server import ScriptedOpenAI
+
+    shutil.copy(SAMPLES / "korean_memo.pdf", tmp_path / "document.pdf")
+    raw = yaml.safe_load((ROOT / "config" / "examples" / "teacher_api.seed.example.yaml").read_text())
+    (tmp_path / "config").mkdir()
+    with ScriptedOpenAI() as server:
+        raw["api"].update(base_url=server.base_url, api_key="${SEED_TEST_KEY}", model_name="acme/ocr")
+        raw["generation"]["max_tokens"] = 321
+        raw["output"] = {"format": "json", "save_images": False}
+        (tmp_path / "config" / "teacher_api.yaml").write_text(yaml.safe_dump(raw))
+        env = {**__import__("os").environ, "SEED_TEST_KEY": "sk-" + "s" * 20}
+        r = subprocess.run([sys.executable, str(ROOT / "main.py"), "infer", "--pdf", "document.pdf", "--config",
+                            "config/teacher_api.yaml", "--task", "document", "--dpi", "40", "-S",
+                            "teacher.cache_dir=cache"], cwd=tmp_path, capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert server.auth == {"Bearer sk-" + "s" * 20}
+        assert {b["model"] for b in server.bodies} == {"acme/ocr"}
+        assert {b.get("max_tokens") for b in server.bodies} == {321}
+    doc = json.loads((tmp_path / "output" / "document.json").read_text())
+    assert doc["pages"] and all(p["status"] == "labeled" for p in doc["pages"]), doc
+    assert not (tmp_path / "output" / "pages").exists()
+
+    listed = main_py("infer", "--config", "config/teacher_api.yaml", "--list-prompts", cwd=tmp_path)
+    assert listed.returncode == 0 and "free_ocr" in listed.stdout and "document" in listed.stdout
+
+
+def test_a_key_written_into_the_seed_teacher_config_is_refused(tmp_path):
+    from ocr_finetune.seed_config import load_teacher_config
+
+    raw = yaml.safe_load((ROOT / "config" / "examples" / "teacher_api.seed.example.yaml").read_text())
+    raw["api"]["api_key"] = "sk-" + "z" * 24
+    path = tmp_path / "teacher_api.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError) as e:
+        load_teacher_config(path, Params())
+    assert "`api.api_key` holds a key" in str(e.value) and "${OPENAI_API_KEY}" in str(e.value)
+    assert "zzzz" not in str(e.value)
+    raw["api"]["api_key"] = "${MY_KEY}"
+    path.write_text(yaml.safe_dump(raw))
+    params, output = load_teacher_config(path, Params())
+    assert params.teacher.api.api_key_env == "MY_KEY" and params.teacher.kind == "api"
+    assert output == raw["output"] and params.teacher.prompts["free_ocr"]["user"].endswith("Free OCR.")

@@ -74,16 +74,19 @@ def cmd_pdf2img(args):
 def cmd_infer(args):
     """Pages in, one file per document out, with the local model (default) or the teacher a --config names."""
     from .infer import image_pages, infer_documents
-    from .params import load_config
     from .teachers.base import PageLabel
     from .teachers import get_teacher
-    from .teachers.prompts import load_prompts
+    from .teachers.prompts import teacher_prompts
 
     params = _params(args)
+    output = {}
     if args.config:
-        params = load_config(args.config, params)
+        from .seed_config import load_teacher_config
+
+        params, output = load_teacher_config(args.config, params)
     else:  # no config: the local model of params.yaml (model.*), with --adapter if given
         params.teacher.kind = "local"
+    fmt = args.format or output.get("format", "md")
     if args.task:
         params.teacher.task = args.task
     if args.adapter:
@@ -93,11 +96,11 @@ def cmd_infer(args):
     if args.batch_size is not None:
         params.teacher.local.batch_size = args.batch_size
     if args.list_prompts:
-        for task, prompt in load_prompts(params.teacher.prompts_file).items():
+        for task, prompt in teacher_prompts(params.teacher).items():
             print(f"{task}: {prompt.user!r}" + (f" (system: {prompt.system[:60]!r}...)" if prompt.system else ""))
         return 0
-    if not (args.pdf or args.images) or not args.output:
-        raise ParamsError("infer needs --pdf FILE_OR_DIR or --images FILE_OR_DIR, and --output DIR")
+    if not (args.pdf or args.images):
+        raise ParamsError("infer needs --pdf FILE_OR_DIR or --images FILE_OR_DIR")
     out = Path(args.output)
     failed = []  # pages that could not be rendered: their documents show where text is missing
     if args.pdf:
@@ -124,8 +127,12 @@ def cmd_infer(args):
         raise ParamsError("no page images to transcribe" + ("" if args.pdf else
                           " (any image format Pillow reads: PNG, JPEG, TIFF, WebP, BMP, GIF...)"))
     teacher = get_teacher(params)
-    written = infer_documents(teacher, pages, out, fmt=args.format, failed=failed)
-    print(f"wrote {len(written)} documents ({args.format}) to {out}")
+    written = infer_documents(teacher, pages, out, fmt=fmt, failed=failed)
+    print(f"wrote {len(written)} documents ({fmt}) to {out}")
+    if args.pdf and output.get("save_images") is False:  # the seed config's output.save_images: false
+        import shutil
+
+        shutil.rmtree(out / "pages", ignore_errors=True)
     usage = getattr(teacher, "usage", None)
     if usage is not None:
         print("requests:", usage.summary())
@@ -226,11 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--pdf", help="a PDF file or a directory of PDFs")
     src.add_argument("--images", help="a directory of page images ({doc}_p{N}.png)")
-    p.add_argument("--output", "-o")
-    p.add_argument("--config", help="a teacher config (config/examples/teacher_api.example.yaml, ...)")
+    p.add_argument("--output", "-o", default="./output", help="default: ./output")
+    p.add_argument("--config", help="a teacher config: params sections (config/examples/teacher_api.example.yaml) "
+                                    "or the seed README's shape (config/examples/teacher_api.seed.yaml)")
     p.add_argument("--task", help="the prompt task (see --list-prompts)")
     p.add_argument("--list-prompts", action="store_true", help="list the tasks of the prompts file and exit")
-    p.add_argument("--format", choices=["md", "jsonl", "json"], default="md",
+    p.add_argument("--format", choices=["md", "jsonl", "json"], default=None,
                    help="md: the document; json: pages with status; jsonl: training records")
     p.add_argument("--adapter", help="a LoRA adapter for the local model")
     p.add_argument("--dpi", type=int, default=200)

@@ -134,6 +134,9 @@ class TeacherParams(_Section):
     max_repeat_fraction: float = Field(0.5, gt=0.0, le=1.0)
     api: ApiTeacherParams = ApiTeacherParams()
     local: LocalTeacherParams = LocalTeacherParams()
+    # prompts written inline ({task: {system, user}}, the seed teacher config's `prompts:`): used instead of
+    # prompts_file when set
+    prompts: dict[str, dict[str, str | None]] | None = None
 
 
 class DatasetParams(_Section):

@@ -19,6 +19,7 @@ An error names the key as the file spells it.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -138,3 +139,97 @@ def load_train_config(path: str | Path, params: Params) -> Params:
     if is_seed_train_config(raw):
         return seed_train_params(raw, params, str(path))
     return load_config(path, params)
+
+
+# ---------------------------------------------------------------- the teacher config (infer --config)
+#
+#     type                                  teacher.kind (api | local)
+#     model_type                            model.family, for type local (deepseek-ocr, deepseek-ocr2)
+#     api.base_url / api.model_name         teacher.api.base_url / model_name
+#     api.api_key: ${OPENAI_API_KEY}        teacher.api.api_key_env: OPENAI_API_KEY (a key itself is refused)
+#     generation.temperature                teacher.api.temperature
+#     generation.max_tokens                 teacher.api.max_tokens and teacher.local.max_new_tokens
+#     request.timeout / max_retries / concurrent_requests   teacher.api.*
+#     prompts: {task: {system, user}}       teacher.prompts (inline)
+#     output.format / output.save_images    infer's --format default / keep the rendered pages
+
+TEACHER_KEYS = {
+    "type": "teacher.kind",
+    "api.base_url": "teacher.api.base_url",
+    "api.model_name": "teacher.api.model_name",
+    "generation.temperature": "teacher.api.temperature",
+    "generation.max_tokens": "teacher.api.max_tokens",
+    "request.timeout": "teacher.api.timeout",
+    "request.max_retries": "teacher.api.max_retries",
+    "request.concurrent_requests": "teacher.api.concurrent_requests",
+}
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)|env:([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def is_seed_teacher_config(raw: dict) -> bool:
+    return isinstance(raw, dict) and "teacher" not in raw and any(
+        k in raw for k in ("type", "generation", "request", "prompts", "output", "model_type"))
+
+
+def seed_teacher_params(raw: dict, params: Params, source: str) -> tuple[Params, dict]:
+    """(params with a seed-shaped teacher config applied, its `output` section)."""
+    from .models import FAMILIES
+
+    prompts = raw.get("prompts")
+    output = raw.get("output") or {}
+    flat = _flatten({k: v for k, v in raw.items() if k not in ("prompts", "output")})
+    allowed = [*TEACHER_KEYS, "model_type", "api.api_key"]
+    unknown = sorted(k for k in flat if k not in allowed)
+    unknown += sorted(f"output.{k}" for k in output if k not in ("format", "save_images"))
+    if unknown:
+        raise ParamsError(f"{source}: unknown key(s) {', '.join(unknown)} (allowed: "
+                          f"{', '.join([*allowed, 'prompts', 'output.format', 'output.save_images'])})")
+    if output.get("format") not in (None, "md", "json", "jsonl"):
+        raise ParamsError(f"{source}: `output.format` = {output['format']!r} (allowed values: md, json, jsonl)")
+    update: dict = {}
+    for seed_key, key in TEACHER_KEYS.items():
+        if seed_key in flat:
+            _set(update, key, flat[seed_key])
+    if "generation.max_tokens" in flat:
+        _set(update, "teacher.local.max_new_tokens", flat["generation.max_tokens"])
+    kind = flat.get("type", params.teacher.kind)
+    if kind == "local" and flat.get("model_type") in FAMILIES:  # for `api` it names the server's model: not ours
+        _set(update, "model.family", flat["model_type"])
+        if params.model.resolution not in SEED_PRESETS[flat["model_type"]]:
+            _set(update, "model.resolution", "gundam")
+    if "api.api_key" in flat:
+        key = str(flat["api.api_key"] or "")
+        ref = _ENV_REFERENCE.fullmatch(key.strip())
+        if ref:
+            _set(update, "teacher.api.api_key_env", next(g for g in ref.groups() if g))
+        elif key.strip() not in ("", "EMPTY"):
+            raise ParamsError(f"{source}: `api.api_key` holds a key; keys never go in files (they end up in logs "
+                              "and commits). Write the name of an environment variable instead, "
+                              "`api_key: ${OPENAI_API_KEY}`, and export it: `export OPENAI_API_KEY=...`")
+    if prompts is not None:
+        _set(update, "teacher.prompts", prompts)
+    merged = _deep_merge(params.model_dump(), update)
+    try:
+        return Params.model_validate(merged), output
+    except ValidationError as e:
+        back = {v: k for k, v in TEACHER_KEYS.items()}
+        lines = [f"  `{back.get(k, k)}`: {err['msg']}" for err in e.errors()
+                 for k in [".".join(str(p) for p in err["loc"])]]
+        raise ParamsError(f"invalid teacher config {source}:\n" + "\n".join(lines)) from None
+
+
+def load_teacher_config(path: str | Path, params: Params) -> tuple[Params, dict]:
+    """A teacher config (`infer --config`): the seed's shape, or sections of params.yaml. Returns params and
+    the seed's `output` section ({} for a params-shaped file)."""
+    from .params import load_config
+
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"config file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path} is not valid YAML: {e}") from None
+    if is_seed_teacher_config(raw):
+        return seed_teacher_params(raw, params, str(path))
+    return load_config(path, params), {}

@@ -21,7 +21,7 @@ def get_teacher(params: Params) -> Teacher:
         return PdfTextTeacher(min_chars=t.min_chars)
     from .prompts import get_prompt
 
-    prompt = get_prompt(t.prompts_file, t.task)
+    prompt = get_prompt(t.prompts_file, t.task, t.prompts)
     if t.kind == "api":
         from .api import ApiTeacher
 
