@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import yaml
+from pathlib import Path
 
 from conftest import ROOT
 from ocr_finetune.params import ParamsError, Params
@@ -158,3 +159,53 @@ def test_a_key_written_into_the_seed_teacher_config_is_refused(tmp_path):
     params, output = load_teacher_config(path, Params())
     assert params.teacher.api.api_key_env == "MY_KEY" and params.teacher.kind == "api"
     assert output == raw["output"] and params.teacher.prompts["free_ocr"]["user"].endswith("Free OCR.")
+
+
+def test_the_seed_model_path_is_filled_from_unsloth_on_first_use(tmp_path, tiny_v1_dir, monkeypatch):
+    """`base_model_path: models/deepseek_ocr` (the seed's default): downloaded from unsloth/DeepSeek-OCR into
+    that folder when it is not there, used as it is once it is."""
+    from ocr_finetune.models.base import ModelLoadError, resolve_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError) as e:
+        resolve_checkpoint("models/deepseek_ocr", tmp_path / "cache", False, "about 6.7 GB")
+    assert "hf download unsloth/DeepSeek-OCR --local-dir models/deepseek_ocr" in str(e.value)
+    with pytest.raises(ModelLoadError, match="could not download unsloth/DeepSeek-OCR"):  # offline here
+        resolve_checkpoint("./models/deepseek_ocr", tmp_path / "cache", True, "about 6.7 GB")
+    shutil.copytree(tiny_v1_dir, tmp_path / "models" / "deepseek_ocr")
+    assert resolve_checkpoint("models/deepseek_ocr", tmp_path / "cache", False, "") == Path("models/deepseek_ocr")
+
+
+def test_the_original_deepseek_ocr2_repository_layout_says_which_checkpoint_to_use(tmp_path, tiny_dir):
+    from ocr_finetune.models import get_family
+    from ocr_finetune.models.base import ModelLoadError
+
+    original = tmp_path / "DeepSeek-OCR-2"
+    shutil.copytree(tiny_dir, original)
+    config = json.loads((original / "config.json").read_text())
+    config.update(model_type="deepseek_vl_v2", auto_map={"AutoModel": "modeling_deepseekocr2.DeepseekOCR2ForCausalLM"})
+    (original / "config.json").write_text(json.dumps(config))
+    (original / "preprocessor_config.json").unlink(missing_ok=True)
+    family = get_family("deepseek-ocr2")
+    for load in (lambda: family.load_processor(original, "gundam"),
+                 lambda: family.load_model(original, __import__("torch").float32, "cpu")):
+        with pytest.raises(ModelLoadError, match="model.base=deepseek-community/DeepSeek-OCR-2"):
+            load()
+
+
+def test_a_tokenizer_config_with_remote_code_loads_without_a_prompt(tmp_path, tiny_v1_dir):
+    """deepseek-ai/DeepSeek-OCR's tokenizer_config.json names remote code (auto_map): loading must not stop
+    at transformers' "Do you wish to run the custom code?" prompt (stdin here is a pipe that stays open)."""
+    checkpoint = tmp_path / "v1"
+    shutil.copytree(tiny_v1_dir, checkpoint)
+    cfg = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    cfg.pop("tokenizer_class", None)  # as there: the class is the remote code's
+    cfg["auto_map"] = {"AutoTokenizer": ["tokenization_deepseek.DeepseekTokenizer", None]}
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps(cfg))
+    code = ("from ocr_finetune.models import get_family; "
+            f"p = get_family('deepseek-ocr').load_processor({str(checkpoint)!r}, 'base'); print(type(p).__name__)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=120)  # stdin left open and silent: a prompt would wait here
+    assert proc.returncode == 0, err[-2000:]
+    assert "Processor" in out

@@ -27,6 +27,20 @@ EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 LIST_VIEWS = ("num_local_patches", "patches_grid")
 
 
+def load_tokenizer(path):
+    """The checkpoint's tokenizer without remote code and without transformers' interactive "run the custom
+    code? [y/N]" prompt: deepseek-ai's repositories name a tokenizer class of their own remote code
+    (auto_map); their tokenizer.json is a plain fast tokenizer, read as one."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except ValueError as e:
+        if "custom code" not in str(e) and "trust_remote_code" not in str(e):
+            raise
+        return PreTrainedTokenizerFast.from_pretrained(path)
+
+
 def official_global_view(processor, image, target: int, background_color, resample):
     """The global view as the official inference code makes it, `ImageOps.pad(image, (target, target))`:
     resized to fit (sizes rounded as PIL rounds them) and pasted at round(margin / 2). transformers' processor

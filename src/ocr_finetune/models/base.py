@@ -38,9 +38,16 @@ def slug(repo_id: str) -> str:
 SOURCE = "ocr_finetune_source.json"  # written into a downloaded checkpoint: where and which revision
 
 
+# Local folders the seed README names as model paths, filled from the hub on first use.
+SEED_MODEL_PATHS = {"models/deepseek_ocr": "unsloth/DeepSeek-OCR"}
+
+
 def resolve_checkpoint(base: str, cache_dir: str | Path, allow_download: bool, size_hint: str) -> Path:
     """A local checkpoint directory for `base` (a local path or a hub id), downloading it on first use."""
     local = Path(base).expanduser()
+    seed = SEED_MODEL_PATHS.get(Path(base).as_posix().removeprefix("./").rstrip("/"))
+    if seed is not None and not ((local / "config.json").is_file() and weights_complete(local)):
+        return _download(seed, local, allow_download, size_hint)
     if local.is_dir():
         return local
     # a hub id is `org/name`; anything else that looks like a path is a local folder that is not there
@@ -50,6 +57,10 @@ def resolve_checkpoint(base: str, cache_dir: str | Path, allow_download: bool, s
     target = Path(cache_dir) / slug(base)
     if (target / "config.json").is_file() and weights_complete(target):
         return target
+    return _download(base, target, allow_download, size_hint)
+
+
+def _download(base: str, target: Path, allow_download: bool, size_hint: str) -> Path:
     by_hand = f"`hf download {base} --local-dir {target}`"
     if not allow_download:
         raise ModelLoadError(f"{base} is not (or only partly) in {target} and model.allow_download is false. "

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    AutoTokenizer,
     DeepseekOcr2ImageProcessorPil,
     UnlimitedOcrConfig,
     UnlimitedOcrForConditionalGeneration,
@@ -178,7 +177,7 @@ def checkpoint_dir(base: str, cache_dir: str | Path, allow_download: bool = True
 
 
 def load_processor(path: str | Path, resolution: str) -> UnlimitedOcrProcessor:
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = _deepseek.load_tokenizer(path)
     preset = RESOLUTIONS[resolution]
     image_processor = UnlimitedOcrImageProcessorPil(**preset)
     return _deepseek.with_preset(UnlimitedOcrProcessor(image_processor=image_processor, tokenizer=tokenizer),

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    AutoTokenizer,
     DeepseekOcr2Config,
     DeepseekOcr2ForConditionalGeneration,
     DeepseekOcr2ImageProcessorPil,
@@ -160,14 +159,35 @@ def checkpoint_dir(base: str, cache_dir: str | Path, allow_download: bool = True
     return _deepseek.checkpoint_dir(base, cache_dir, allow_download, "tiny", build_tiny, "about 6.8 GB")
 
 
+NATIVE_CHECKPOINT = "deepseek-community/DeepSeek-OCR-2"
+
+
+def check_layout(path: str | Path) -> None:
+    """The original `deepseek-ai/DeepSeek-OCR-2` repository is written for its own remote code (model type
+    `deepseek_vl_v2`, no preprocessor_config.json) and the native class cannot read it: say which checkpoint
+    to use instead of failing on a missing file."""
+    import json
+
+    config = Path(path) / "config.json"
+    raw = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+    if raw and (raw.get("model_type") != "deepseek_ocr2" or "auto_map" in raw):
+        raise ModelLoadError(
+            f"{path} is a checkpoint for DeepSeek's own remote code (model_type {raw.get('model_type')!r}"
+            f"{', auto_map' if 'auto_map' in raw else ''}), the layout of the original deepseek-ai/DeepSeek-OCR-2 "
+            f"repository; this project loads the native transformers conversion without remote code: set "
+            f"model.base={NATIVE_CHECKPOINT} (the same weights)")
+
+
 def load_processor(path: str | Path, resolution: str) -> DeepseekOcr2Processor:
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    check_layout(path)
+    tokenizer = _deepseek.load_tokenizer(path)
     image_processor = OfficialImageProcessorPil.from_pretrained(path, **RESOLUTIONS[resolution])
     return _deepseek.with_preset(DeepseekOcr2Processor(image_processor=image_processor, tokenizer=tokenizer),
                                  RESOLUTIONS[resolution])
 
 
 def load_model(path: str | Path, dtype: torch.dtype, device: str, **kwargs):
+    check_layout(path)
     try:
         model = DeepseekOcr2ForConditionalGeneration.from_pretrained(path, dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:
