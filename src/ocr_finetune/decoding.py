@@ -33,7 +33,7 @@ def exempt_ids(tokenizer) -> list[int]:
     ids = []
     for token in EXEMPT_TOKENS:
         i = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(i, int) and i != tokenizer.unk_token_id and i is not None:
+        if isinstance(i, int) and i != tokenizer.unk_token_id:
             ids.append(i)
     return ids
 

@@ -388,8 +388,8 @@ def validate_params(raw: dict | None, source: str = "params") -> Params:
         raise ParamsError(_format(err, source)) from None
 
 
-def load_config(path: str | Path, params: Params) -> Params:
-    """Apply a config file (any sections of params.yaml, e.g. `teacher:` and `model:`) over params."""
+def read_config(path: str | Path) -> dict:
+    """A config file's mapping (train/teacher configs), with a clear error for a missing or malformed file."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"config file {path} not found")
@@ -399,13 +399,23 @@ def load_config(path: str | Path, params: Params) -> Params:
         raise ParamsError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path} must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path, params: Params) -> Params:
+    """Apply a config file (any sections of params.yaml, e.g. `teacher:` and `model:`) over params."""
+    return apply_config(read_config(path), params, str(path))
+
+
+def apply_config(raw: dict, params: Params, source: str) -> Params:
+    """Sections of params.yaml (already read) over params."""
     merged = params.model_dump()
     for section, values in raw.items():
         if isinstance(values, dict) and isinstance(merged.get(section), dict):
             merged[section] = _deep_merge(merged[section], values)
         else:
             merged[section] = values
-    return validate_params(merged, str(path))
+    return validate_params(merged, source)
 
 
 def _deep_merge(base: dict, update: dict) -> dict:

@@ -22,10 +22,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
-from .params import Params, ParamsError, _deep_merge
+from .params import Params, ParamsError, _deep_merge, apply_config, read_config
+from .tracking import flatten
 
 # (image_size, base_size, crop_mode) of each family's presets, in the seed's terms
 SEED_PRESETS = {
@@ -58,17 +58,6 @@ def is_seed_train_config(raw: dict) -> bool:
                                       "base_model_path" in (raw.get("model") or {}))
 
 
-def _flatten(raw: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in raw.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def _set(tree: dict, dotted: str, value) -> None:
     *sections, name = dotted.split(".")
     for s in sections:
@@ -83,7 +72,7 @@ def family_of(base: str) -> str:
 
 def seed_train_params(raw: dict, params: Params, source: str) -> Params:
     """params with a seed-shaped train config applied."""
-    flat = _flatten(raw)
+    flat = flatten(raw)
     unknown = sorted(k for k in flat if k not in TRAIN_KEYS and k not in IMAGE_KEYS)
     if unknown:
         raise ParamsError(f"{source}: unknown key(s) {', '.join(unknown)} (allowed: "
@@ -113,32 +102,27 @@ def seed_train_params(raw: dict, params: Params, source: str) -> Params:
         update["model"]["resolution"] = match[0]
     elif "model.base_model_path" in flat and params.model.resolution not in SEED_PRESETS[family]:
         update["model"]["resolution"] = "gundam"
-    merged = _deep_merge(params.model_dump(), update)
+    return _validated(_deep_merge(params.model_dump(), update), TRAIN_KEYS, f"train config {source}")
+
+
+def _validated(merged: dict, keys: dict, what: str) -> Params:
+    """Params from `merged`; a validation error names each key as the seed file spells it (`keys`: seed key ->
+    params key)."""
     try:
         return Params.model_validate(merged)
     except ValidationError as e:
-        back = {v: k for k, v in TRAIN_KEYS.items()}
-        lines = []
-        for err in e.errors():
-            key = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  `{back.get(key, key)}`: {err['msg']}")
-        raise ParamsError(f"invalid train config {source}:\n" + "\n".join(lines)) from None
+        back = {v: k for k, v in keys.items()}
+        lines = [f"  `{back.get(k, k)}`: {err['msg']}" for err in e.errors()
+                 for k in [".".join(str(p) for p in err["loc"])]]
+        raise ParamsError(f"invalid {what}:\n" + "\n".join(lines)) from None
 
 
 def load_train_config(path: str | Path, params: Params) -> Params:
     """A train config (`train --config`): the seed's shape, or sections of params.yaml."""
-    from .params import load_config
-
-    path = Path(path)
-    if not path.is_file():
-        raise ParamsError(f"config file {path} not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ParamsError(f"{path} is not valid YAML: {e}") from None
+    raw = read_config(path)
     if is_seed_train_config(raw):
         return seed_train_params(raw, params, str(path))
-    return load_config(path, params)
+    return apply_config(raw, params, str(path))
 
 
 # ---------------------------------------------------------------- the teacher config (infer --config)
@@ -177,7 +161,7 @@ def seed_teacher_params(raw: dict, params: Params, source: str) -> tuple[Params,
 
     prompts = raw.get("prompts")
     output = raw.get("output") or {}
-    flat = _flatten({k: v for k, v in raw.items() if k not in ("prompts", "output")})
+    flat = flatten({k: v for k, v in raw.items() if k not in ("prompts", "output")})
     allowed = [*TEACHER_KEYS, "model_type", "api.api_key"]
     unknown = sorted(k for k in flat if k not in allowed)
     unknown += sorted(f"output.{k}" for k in output if k not in ("format", "save_images"))
@@ -208,28 +192,13 @@ def seed_teacher_params(raw: dict, params: Params, source: str) -> tuple[Params,
                               "`api_key: ${OPENAI_API_KEY}`, and export it: `export OPENAI_API_KEY=...`")
     if prompts is not None:
         _set(update, "teacher.prompts", prompts)
-    merged = _deep_merge(params.model_dump(), update)
-    try:
-        return Params.model_validate(merged), output
-    except ValidationError as e:
-        back = {v: k for k, v in TEACHER_KEYS.items()}
-        lines = [f"  `{back.get(k, k)}`: {err['msg']}" for err in e.errors()
-                 for k in [".".join(str(p) for p in err["loc"])]]
-        raise ParamsError(f"invalid teacher config {source}:\n" + "\n".join(lines)) from None
+    return _validated(_deep_merge(params.model_dump(), update), TEACHER_KEYS, f"teacher config {source}"), output
 
 
 def load_teacher_config(path: str | Path, params: Params) -> tuple[Params, dict]:
     """A teacher config (`infer --config`): the seed's shape, or sections of params.yaml. Returns params and
     the seed's `output` section ({} for a params-shaped file)."""
-    from .params import load_config
-
-    path = Path(path)
-    if not path.is_file():
-        raise ParamsError(f"config file {path} not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ParamsError(f"{path} is not valid YAML: {e}") from None
+    raw = read_config(path)
     if is_seed_teacher_config(raw):
         return seed_teacher_params(raw, params, str(path))
-    return load_config(path, params), {}
+    return apply_config(raw, params, str(path)), {}

@@ -35,22 +35,24 @@ def load_prompts(path: str | Path) -> dict[str, Prompt]:
         raise ParamsError(f"{path}: {problems} (expected prompts: {{task: {{user, system}}}})") from None
 
 
-def teacher_prompts(teacher) -> dict[str, Prompt]:
-    """The prompts of `params.teacher`: inline (`teacher.prompts`) or from `teacher.prompts_file`."""
-    if teacher.prompts is None:
-        return load_prompts(teacher.prompts_file)
+def _prompts(path: str | Path, inline: dict | None) -> dict[str, Prompt]:
+    if inline is None:
+        return load_prompts(path)
     try:
-        return PromptsFile.model_validate({"prompts": teacher.prompts}).prompts
+        return PromptsFile.model_validate({"prompts": inline}).prompts
     except ValidationError as e:
         problems = "; ".join(f"`prompts.{'.'.join(map(str, x['loc'][1:]))}`: {x['msg']}" for x in e.errors())
         raise ParamsError(f"{problems} (expected prompts: {{task: {{user, system}}}})") from None
 
 
+def teacher_prompts(teacher) -> dict[str, Prompt]:
+    """The prompts of `params.teacher`: inline (`teacher.prompts`) or from `teacher.prompts_file`."""
+    return _prompts(teacher.prompts_file, teacher.prompts)
+
+
 def get_prompt(path: str | Path, task: str, inline: dict | None = None) -> Prompt:
-    if inline is not None:
-        prompts, where = teacher_prompts(type("T", (), {"prompts": inline, "prompts_file": path})), "the inline prompts"
-    else:
-        prompts, where = load_prompts(path), str(path)
+    prompts = _prompts(path, inline)
     if task not in prompts:
+        where = str(path) if inline is None else "the inline prompts"
         raise ParamsError(f"task {task!r} is not in {where} (allowed values: {', '.join(prompts)})")
     return prompts[task]
