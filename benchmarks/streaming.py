@@ -125,9 +125,13 @@ def train_params(args, mode: str, batch: int, tag: str, baseline: bool = False) 
     train = {"epochs": 1, "batch_size": batch, "learning_rate": 1e-4, "max_label_tokens": 1000,
              "device": args.device, "save_every": 0, "output_dir": f"{args.work}/adapter-{mode}-{batch}",
              "checkpoint_dir": f"{args.work}/ckpt", "gradient_checkpointing": mode != "llm", "resume": "never"}
+    if args.max_steps:
+        train["max_steps"] = args.max_steps
     if not baseline:
         train["feature_cache_dir"] = f"{args.work}/features"
         train["group_by_length"] = tag == "grouped"
+        if tag.startswith("compile="):  # another train.compile scope than auto's
+            train["compile"] = tag.split("=", 1)[1]
     return {"model": {"base": str(Path(args.work) / "model"), "resolution": "gundam", "allow_download": False},
             # another experiment on the same pages (another r) reads the cache; `warm` is the same run again in a
             # new process, with torch's compile caches on disk from the run before
@@ -321,6 +325,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=200)
     ap.add_argument("--reference-pages", type=int, default=256,
                     help="infer rows: pages of the generate-only and plain serial references")
+    ap.add_argument("--max-steps", type=int, default=0, help="train rows: stop after this many steps (0: one epoch)")
     ap.add_argument("--size", default="full", choices=["full", "tiny"])
     ap.add_argument("--baseline-src", default=str(ROOT / ".baseline" / "src"))
     ap.add_argument("--commit")
@@ -352,9 +357,16 @@ def main():
         env = dict(os.environ)
         src = args.baseline_src if row.startswith("baseline") else str(ROOT / "src")
         env["PYTHONPATH"] = os.pathsep.join([src, str(ROOT / "benchmarks"), env.get("PYTHONPATH", "")])
+        # torch.compile's on-disk caches per row: empty for a row, kept for the same row again with `:warm`,
+        # so one call measures cold and warm compiles of each scope without rows warming each other
+        caches = work / "compile-caches" / row.removesuffix(":warm").replace(":", "-")
+        if not row.endswith(":warm"):
+            shutil.rmtree(caches, ignore_errors=True)
+        env["TORCHINDUCTOR_CACHE_DIR"], env["TRITON_CACHE_DIR"] = str(caches / "inductor"), str(caches / "triton")
         cmd = [sys.executable, __file__, "--row", row, "--work", str(work), "--pages", str(args.pages),
                "--baseline-pages", str(args.baseline_pages), "--infer-pages", str(args.infer_pages),
-               "--new-tokens", str(args.new_tokens), "--reference-pages", str(args.reference_pages), "--device", device, "--out", str(out)]
+               "--new-tokens", str(args.new_tokens), "--reference-pages", str(args.reference_pages), "--max-steps", str(args.max_steps),
+               "--device", device, "--out", str(out)]
         t0 = time.perf_counter()
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
         line = next((x for x in r.stdout.splitlines() if x.startswith("ROW ")), None)

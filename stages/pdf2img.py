@@ -10,5 +10,5 @@ p = params()
 shutil.rmtree(p.data.pages_dir, ignore_errors=True)
 c = p.pdf2img
 manifest = render_pages(p.data.pdf_dir, p.data.pages_dir, dpi=c.dpi, fmt=c.format, start_page=c.start_page,
-                        end_page=c.end_page, workers=c.workers)
+                        end_page=c.end_page, workers=c.workers, max_pixels=c.max_pixels)
 print(f"pdf2img: {len(manifest.pages)} pages, {len(manifest.skipped)} PDFs skipped")

@@ -1,7 +1,8 @@
 """A real HTTP server on 127.0.0.1 that speaks the OpenAI chat-completions wire format, for teacher tests.
 
 Each page image (identified by the SHA-256 of the bytes in its data URL) can be given a script: what to do on
-its 1st, 2nd, ... request. Actions: ok | 500 | 429 (Retry-After: 1) | slow (answer after `slow_seconds`) |
+its 1st, 2nd, ... request. Actions: ok | 500 | 429 (Retry-After: 1) | 429date (Retry-After as an HTTP date,
+about 2 s ahead) | 429later (an HTTP date an hour ahead) | slow (answer after `slow_seconds`) |
 drop (close the connection without a reply) | badjson (200, body not JSON) | nochoices (200, no choices) |
 loop (a looping answer) | length (finish_reason=length) | 401 (a gateway that echoes the key it refused) |
 parts (content as a list of parts) | refusal (content null, refusal set) | think (<think> before the answer) |
@@ -19,6 +20,7 @@ import json
 import threading
 import time
 from collections import Counter, defaultdict
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -95,6 +97,10 @@ class ScriptedOpenAI:
                     return self.reply(500, b'{"error": {"message": "internal error", "type": "server_error"}}')
                 if action == "429":
                     return self.reply(429, b'{"error": {"message": "rate limited"}}', {"Retry-After": "1"})
+                if action in ("429date", "429later"):  # RFC 9110's other form; whole seconds, so 1-2 s ahead
+                    ahead = 2 if action == "429date" else 3600
+                    return self.reply(429, b'{"error": {"message": "rate limited"}}',
+                                      {"Retry-After": formatdate(time.time() + ahead, usegmt=True)})
                 if action == "drop":
                     self.close_connection = True
                     self.connection.shutdown(2)

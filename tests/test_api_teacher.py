@@ -103,7 +103,7 @@ def test_prompts_file_lists_tasks_and_names_bad_keys(tmp_path):
 
 def api_config_file(tmp_path, server, **api):
     path = tmp_path / "teacher_api.yaml"
-    raw = yaml.safe_load((ROOT / "config" / "examples" / "teacher_api.example.yaml").read_text())
+    raw = yaml.safe_load((ROOT / "config" / "examples" / "teacher_api.params.example.yaml").read_text())
     raw["teacher"].update(prompts_file=str(ROOT / "config" / "prompts.yaml"), cache_dir=str(tmp_path / "cache"))
     raw["teacher"]["api"].update(base_url=server.base_url, api_key_env="TEST_OCR_KEY", **api)
     path.write_text(yaml.safe_dump(raw))
@@ -180,14 +180,16 @@ def test_jsonl_output_is_training_data(tmp_path):
 
 def test_config_file_errors_name_the_key(tmp_path):
     from ocr_finetune.params import Params, load_config
+    from ocr_finetune.seed_config import load_teacher_config
 
     bad = tmp_path / "teacher.yaml"
     bad.write_text("teacher:\n  kind: api\n  api:\n    timeout: -1\n    concurent_requests: 4\n")
     with pytest.raises(ParamsError) as e:
         load_config(bad, Params())
     assert "teacher.api.timeout" in str(e.value) and "unknown key `teacher.api.concurent_requests`" in str(e.value)
-    for example in ("teacher_api", "teacher_local"):  # the shipped examples are valid
-        load_config(ROOT / "config" / "examples" / f"{example}.example.yaml", Params())
+    for example in ("teacher_api", "teacher_local"):  # the shipped examples are valid, in both shapes
+        load_config(ROOT / "config" / "examples" / f"{example}.params.example.yaml", Params())
+        load_teacher_config(ROOT / "config" / "examples" / f"{example}.example.yaml", Params())
 
 
 def test_answers_of_other_servers_become_labels_or_say_why_not(tmp_path):
@@ -317,3 +319,40 @@ def test_a_caption_before_a_final_code_block_is_page_text():
     page = "Listing 1: hello world in C:\n```\nint main() {}\n```"
     assert clean_output(page) == page
     assert clean_output("Here is the page:\n```markdown\n# Title\n\nText.\n```") == "# Title\n\nText."
+
+
+def test_unreadable_images_fail_before_any_request(tmp_path):
+    """A 0-byte and a truncated PNG went to the server (paid requests) and came back `labeled`: no server can
+    read them. They fail with the reason, as in the local teacher, and nothing is sent for them, now or on a
+    rerun."""
+    pages = make_pages(tmp_path / "pages", {"doc": 1})
+    noisy = tmp_path / "pages" / "noise.png"
+    Image.effect_noise((200, 260), 60).convert("RGB").save(noisy)
+    data = noisy.read_bytes()
+    (tmp_path / "pages" / "doc_p2.png").write_bytes(b"")  # a render killed before it wrote anything
+    (tmp_path / "pages" / "doc_p3.png").write_bytes(data[:len(data) // 2])  # a copy cut off midway
+    pages += [PageInput("doc", n, tmp_path / "pages" / f"doc_p{n}.png") for n in (2, 3)]
+    with ScriptedOpenAI() as server:
+        for _ in range(2):  # the rerun asks nothing either
+            teacher = ApiTeacher(config(server), PROMPT, tmp_path / "cache")
+            labels = {x.page: x for x in teacher.label(pages)}
+            assert labels[1].status == "labeled"
+            for n in (2, 3):
+                assert labels[n].status == "failed" and "not a readable image" in labels[n].reason, labels[n]
+                assert f"doc_p{n}.png" in labels[n].reason
+            assert "truncated" in labels[3].reason
+            assert teacher.usage.failed == 2
+        assert dict(server.requests) == {image_id(pages[0].image): 1}
+
+
+def test_retry_after_as_an_http_date_is_honoured_within_max_backoff(tmp_path):
+    """Retry-After may be a date (RFC 9110): it was read as no value, and the page asked again after the
+    0.05 s backoff. A date an hour ahead waits teacher.api.max_backoff, not an hour."""
+    pages = make_pages(tmp_path / "pages", {"doc": 2})
+    soon, later = (image_id(p.image) for p in pages)
+    with ScriptedOpenAI({soon: ["429date"], later: ["429later"]}) as server:
+        labels = list(ApiTeacher(config(server, max_backoff=1.5), PROMPT, tmp_path / "cache").label(pages))
+    assert [x.status for x in labels] == ["labeled", "labeled"]
+    waited = {key: server.times[key][1] - server.times[key][0] for key in (soon, later)}
+    assert 0.9 <= waited[soon] <= 3.5, waited  # the date is in whole seconds: 1-2 s ahead, at most 1.5 waited
+    assert 1.4 <= waited[later] <= 3.5, waited  # bounded: not the hour asked for

@@ -69,7 +69,7 @@ def test_pdf2img_train_evaluate_infer_and_mlflow(tmp_path, models_cache, tiny_di
     assert "adapter saved" in out
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     train_metrics = json.loads((tmp_path / "metrics" / "train.json").read_text())
-    assert train_metrics["steps"] == 3 and train_metrics["trainable_params"] == 67_072
+    assert train_metrics["steps"] == 3 and train_metrics["trainable_params"] == 120_832  # params.yaml: llm, r 64
 
     out = cli("evaluate", "--params", params, "--dataset", tmp_path / "ds" / "eval.jsonl", "--task", "document",
               "--adapter", tmp_path / "adapter", "--output", tmp_path / "results.json")
@@ -96,7 +96,7 @@ def test_pdf2img_train_evaluate_infer_and_mlflow(tmp_path, models_cache, tiny_di
     runs = mlflow.search_runs(experiment_names=["ocr-finetune"], output_format="list")
     assert len(runs) == 1
     run = runs[0]
-    assert run.data.params["lora.mode"] == "both" and run.data.params["train.max_steps"] == "3"
+    assert run.data.params["lora.mode"] == "llm" and run.data.params["train.max_steps"] == "3"
     assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")) == 3
     # `evaluate` logged its scores to the run that trained the adapter it evaluated
     assert run.data.metrics["eval_finetuned.cer"] == result["summary"]["finetuned"]["cer"]
@@ -122,7 +122,7 @@ def test_set_override_is_validated(tmp_path, models_cache):
                         "-S", "lora.mode=foo"], capture_output=True, text=True)
     assert r.returncode == 2 and "lora.mode" in r.stderr and "vision, llm, both" in r.stderr
     out = cli("inspect", "--params", params)
-    assert "vision: 22 modules, 36,864 trainable" in out and "llm: 14 modules, 30,208 trainable" in out
+    assert "vision: 22 modules, 147,456 trainable" in out and "llm: 14 modules, 120,832 trainable" in out  # r 64
 
 
 def test_pdf2img_refuses_what_it_cannot_render_and_infer_reads_upper_case_pdfs(tmp_path):

@@ -86,7 +86,7 @@ def test_repro_then_noop_then_only_downstream(repo):
 
 def test_experiments_per_lora_mode(repo):
     repo, env = repo
-    out = run(["dvc", "exp", "run", "-S", "lora.mode=llm"], repo, env)  # one experiment: the suite's time
+    out = run(["dvc", "exp", "run", "-S", "lora.mode=both"], repo, env)  # one experiment: the suite's time
     assert ran(out) == ["train", "evaluate"]
     table = json.loads(run(["dvc", "exp", "show", "--json"], repo, env))
     counts = {}
@@ -98,8 +98,8 @@ def test_experiments_per_lora_mode(repo):
                 "trainable_params")
             if exp.get("name") and mode:
                 counts[mode] = trainable
-    # the workspace's own row (mode both) and the experiment's: each with its own count of LoRA weights
-    assert counts.get("llm") == 30_208 and counts.get("both") == 67_072, counts
+    # the workspace's own row (mode llm) and the experiment's: each with its own count of LoRA weights (r 64)
+    assert counts.get("llm") == 120_832 and counts.get("both") == 268_288, counts
 
 
 def test_teacher_label_with_an_api_teacher(repo):

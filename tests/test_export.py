@@ -9,15 +9,18 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from ocr_finetune.export import checkpoint_keys, export_merged, export_vllm_lora
-from ocr_finetune.lora import attach_lora_from_params, load_adapter
+from peft import PeftModel
+
+from ocr_finetune.lora import attach_lora_from_params, load_adapter, save_adapter
 from ocr_finetune.models import get_family
 from ocr_finetune.models.base import write_json
 from ocr_finetune.params import LoraParams, validate_params
 from ocr_finetune.loading import RUN_INFO
 
 
-def trained_adapter(family_name, path, folder, mode):
-    """An adapter as `train` leaves it: weights (B no longer zero) and the run info naming its base."""
+def trained_adapter(family_name, path, folder, mode, legacy=False):
+    """An adapter as `train` leaves it: weights (B no longer zero) and the run info naming its base.
+    legacy: saved as before save_adapter (PEFT's save_pretrained, in-memory names)."""
     family = get_family(family_name)
     torch.manual_seed(0)
     model = attach_lora_from_params(family.load_model(path, torch.float32, "cpu"), family,
@@ -26,7 +29,7 @@ def trained_adapter(family_name, path, folder, mode):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.3)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder) if legacy else save_adapter(model, folder)
     write_json(folder / RUN_INFO, {"family": family_name, "base": "tiny", "resolution": "gundam"})
     return folder
 
@@ -81,6 +84,23 @@ def test_vllm_lora_export_maps_every_tensor_to_an_original_weight(request, tmp_p
     config = json.loads((out / "adapter_config.json").read_text())
     assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                              "down_proj"}
+
+
+@pytest.mark.parametrize("family_name,fixture", [("deepseek-ocr2", "tiny_dir"), ("deepseek-ocr", "tiny_v1_dir")])
+def test_an_adapter_loads_with_plain_peft_as_with_ours(request, tmp_path, family_name, fixture):
+    """Users' own scripts load adapters with `PeftModel.from_pretrained`: every tensor must land there (PEFT
+    only warns about the ones it cannot place). Adapters saved before save_adapter still load with ours."""
+    path = request.getfixturevalue(fixture)
+    family = get_family(family_name)
+    adapter = trained_adapter(family_name, path, tmp_path / "adapter", "both")
+    ours = {k: v for k, v in load_adapter(family.load_model(path, torch.float32, "cpu"), adapter,
+                                          compute="float32").state_dict().items() if ".lora_" in k}
+    plain = PeftModel.from_pretrained(family.load_model(path, torch.float32, "cpu"), adapter).state_dict()
+    assert ours and all(torch.equal(v, plain[k]) for k, v in ours.items())
+    assert any(".language_model." in k for k in ours) and any(".vision_tower." in k or "sam" in k for k in ours)
+    legacy = trained_adapter(family_name, path, tmp_path / "legacy", "both", legacy=True)
+    again = load_adapter(family.load_model(path, torch.float32, "cpu"), legacy, compute="float32").state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in ours.items())
 
 
 def test_vllm_lora_export_refuses_a_vision_adapter(tmp_path, tiny_dir):

@@ -35,6 +35,18 @@ def test_tiny_checkpoint_is_a_real_checkpoint(tiny_dir):
     assert model.config.image_token_id == tok.convert_tokens_to_ids("<image>")
 
 
+def test_building_the_tiny_model_leaves_the_random_state_alone(tmp_path):
+    """Training must not depend on whether models/base/tiny existed: its first build (in the training process)
+    used to reseed torch, so a fresh clone's demo trained another adapter than later runs."""
+    from ocr_finetune.models.deepseek_ocr2 import build_tiny
+
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    build_tiny(tmp_path / "tiny")
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_labels_mask_bos_prompt_and_image_tokens(tiny_dir):
     processor = load_processor(tiny_dir, "nocrop")
     ex = encode_example(processor, page(), "<image>\nFree OCR.", "# Hello", max_label_tokens=64)

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 
 import pymupdf
@@ -153,3 +154,46 @@ def test_linked_folders_are_read_and_a_loop_ends(tmp_path):
 
     found = [p.relative_to(tmp_path / "pdfs").as_posix() for p in list_pdfs(tmp_path / "pdfs")]
     assert found == ["archive/old.pdf", "new.pdf"]
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_by_a_readable_name(tmp_path):
+    """`café.pdf` saved by an old Windows zip tool (Latin-1 bytes): the manifest was left at 0 bytes and the run
+    stopped with an error naming no file. It is skipped by a readable name, the others rendered."""
+    src = tmp_path / "pdfs"
+    one_page_pdf(src / "good.pdf", "Good")
+    with open(os.path.join(os.fsencode(src), b"caf\xe9.pdf"), "wb") as f:
+        f.write((src / "good.pdf").read_bytes())
+    m = render_pages(src, tmp_path / "pages", dpi=30, progress=False)
+    manifest = json.loads((tmp_path / "pages" / "manifest.json").read_text(encoding="utf-8"))
+    assert [p["pdf"] for p in manifest["pages"]] == ["good.pdf"] == [p.pdf for p in m.pages]
+    [skipped] = manifest["skipped"]
+    assert skipped["pdf"] == "caf\\xe9.pdf" and "UTF-8" in skipped["reason"]
+
+
+def test_the_manifest_is_replaced_atomically(tmp_path):
+    """Written in place, a run killed mid-write (or a name that cannot be written) left a truncated manifest."""
+    one_page_pdf(tmp_path / "a.pdf", "Text")
+    render_pages(tmp_path / "a.pdf", tmp_path / "pages", dpi=30, progress=False)
+    before = os.stat(tmp_path / "pages" / "manifest.json").st_ino
+    render_pages(tmp_path / "a.pdf", tmp_path / "pages", dpi=30, progress=False)
+    assert os.stat(tmp_path / "pages" / "manifest.json").st_ino != before  # a new file renamed over the old
+    assert sorted(p.name for p in (tmp_path / "pages").iterdir()) == ["a_p1.png", "manifest.json"]
+
+
+def test_a_huge_page_is_capped_in_pixels_at_a_lower_dpi_recorded_per_page(tmp_path):
+    """A 5000 pt drawing rendered to 143 megapixels at 200 dpi (2.35 GB, 25 s, a decompression-bomb warning,
+    then sent unscaled to an API): capped at `max_pixels`, its dpi lowered for that page alone."""
+    from ocr_finetune.params import Params
+
+    one_page_pdf(tmp_path / "pdfs" / "drawing.pdf", "Drawing", width=5000, height=3600)
+    one_page_pdf(tmp_path / "pdfs" / "letter.pdf", "Letter")
+    render_pages(tmp_path / "pdfs", tmp_path / "pages", dpi=100, max_pixels=1_000_000, progress=False)
+    saved = json.loads((tmp_path / "pages" / "manifest.json").read_text())
+    pages = {p["doc"]: p for p in saved["pages"]}
+    assert saved["max_pixels"] == 1_000_000 and not saved["skipped"]
+    assert pages["letter"]["dpi"] == 100 and pages["drawing"]["dpi"] < 100
+    assert 0.8e6 < pages["drawing"]["width"] * pages["drawing"]["height"] <= 1_000_000
+    with Image.open(tmp_path / "pages" / "drawing_p1.png") as im:
+        assert im.width * im.height <= 1_000_000
+    default = Params().pdf2img.max_pixels
+    assert 4_000_000 <= default <= 40_000_000  # above what the models see, far below PIL's bomb limit

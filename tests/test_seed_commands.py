@@ -89,7 +89,8 @@ def test_train_mode_and_config_are_the_seed_spellings(tmp_path, tiny_v1_dir, sam
 
     names = load_file(tmp_path / "adapter" / "adapter_model.safetensors").keys()
     assert names and all(".q_proj." in n or ".v_proj." in n for n in names), sorted(names)[:6]
-    assert all("language_model" in n for n in names)
+    # the language model only (saved under the original checkpoint's names: `model.layers.N...`)
+    assert all(n.startswith("base_model.model.model.layers.") for n in names), sorted(names)[:6]
 
 
 def commands(markdown: str) -> list[str]:
@@ -119,7 +120,7 @@ def test_infer_with_a_seed_teacher_config_against_a_real_server(tmp_path):
     from openai_server import ScriptedOpenAI
 
     shutil.copy(SAMPLES / "korean_memo.pdf", tmp_path / "document.pdf")
-    raw = yaml.safe_load((ROOT / "config" / "examples" / "teacher_api.seed.example.yaml").read_text())
+    raw = yaml.safe_load((ROOT / "config" / "examples" / "teacher_api.example.yaml").read_text())
     (tmp_path / "config").mkdir()
     with ScriptedOpenAI() as server:
         raw["api"].update(base_url=server.base_url, api_key="${SEED_TEST_KEY}", model_name="acme/ocr")
@@ -146,7 +147,7 @@ def test_infer_with_a_seed_teacher_config_against_a_real_server(tmp_path):
 def test_a_key_written_into_the_seed_teacher_config_is_refused(tmp_path):
     from ocr_finetune.seed_config import load_teacher_config
 
-    raw = yaml.safe_load((ROOT / "config" / "examples" / "teacher_api.seed.example.yaml").read_text())
+    raw = yaml.safe_load((ROOT / "config" / "examples" / "teacher_api.example.yaml").read_text())
     raw["api"]["api_key"] = "sk-" + "z" * 24
     path = tmp_path / "teacher_api.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -209,3 +210,38 @@ def test_a_tokenizer_config_with_remote_code_loads_without_a_prompt(tmp_path, ti
     out, err = proc.communicate(timeout=120)  # stdin left open and silent: a prompt would wait here
     assert proc.returncode == 0, err[-2000:]
     assert "Processor" in out
+
+
+def test_train_defaults_are_the_seeds_without_a_params_file(tmp_path, monkeypatch):
+    """The seed README: `train` defaults to `--mode vision` and `--output ./models/finetuned`. They hold where
+    the seed's world is (no params.yaml, or a seed train config); a params.yaml keeps its own; flags win."""
+    from ocr_finetune.cli import _params, build_parser
+
+    def params(*argv):
+        args = build_parser().parse_args(["train", *argv])
+        return _params(args)
+
+    monkeypatch.chdir(tmp_path)
+    bare = params("--dataset", "data.jsonl")
+    assert (bare.lora.mode, bare.train.output_dir) == ("vision", "models/finetuned")
+    flagged = params("--dataset", "data.jsonl", "--mode", "both", "--set", "train.output_dir=out")
+    assert (flagged.lora.mode, flagged.train.output_dir) == ("both", "out")
+    (tmp_path / "params.yaml").write_text("lora:\n  mode: llm\ntrain:\n  output_dir: models/mine\n")
+    own = params("--dataset", "data.jsonl")
+    assert (own.lora.mode, own.train.output_dir) == ("llm", "models/mine")
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "train_config.yaml").write_text("lora:\n  r: 8\n")
+    seeded = params("--dataset", "data.jsonl")
+    assert (seeded.lora.mode, seeded.lora.r, seeded.train.output_dir) == ("vision", 8, "models/finetuned")
+
+
+def test_the_seed_local_teacher_example_maps_onto_params():
+    """config/examples/teacher_local.example.yaml in the seed's shape: a local teacher of the named family,
+    with the official limit and the file's prompts."""
+    from ocr_finetune.seed_config import load_teacher_config
+
+    params, output = load_teacher_config(ROOT / "config" / "examples" / "teacher_local.example.yaml",
+                                         Params(model={"family": "deepseek-ocr", "resolution": "tiny"}))
+    assert (params.teacher.kind, params.model.family, params.model.resolution) == ("local", "deepseek-ocr2", "gundam")
+    assert params.teacher.local.max_new_tokens == 8192 and output["format"] == "md"
+    assert params.teacher.prompts["document"]["user"] == "<image>\n<|grounding|>Convert the document to markdown."

@@ -147,7 +147,7 @@ def test_host_memory_is_flat_in_the_corpus_size(tmp_path, tiny_v1_dir):
                       "save_every": 0, "output_dir": str(folder / "adapter"), "checkpoint_dir": str(folder / "ckpt"),
                       "feature_cache_dir": str(folder / "features")},
             "evaluate": {"static_cache": "off"},
-            "teacher": {"cache_dir": str(folder / "answers")},
+            "teacher": {"kind": "local", "cache_dir": str(folder / "answers")},
             "tracking": {"enabled": False}}))
         train_peak = peak_rss_gib("train", "--params", params, "--dataset", data)
         infer_peak = peak_rss_gib("infer", "--params", params, "--images", folder / "pages", "--output",

@@ -93,9 +93,7 @@ def test_rotated_and_one_line_pages_are_labelled(tmp_path):
     assert out["one_line"].status == "labeled" and "A single line near the top" in out["one_line"].text
 
 
-def test_extractor_markup_goes_and_unreadable_glyphs_are_not_labels():
-    from ocr_finetune.teachers.pdf_text import _strip_markup, unmapped_share
+def test_unreadable_glyphs_are_not_labels():
+    from ocr_finetune.teachers.text_layer import unmapped
 
-    raw = "<!-- Start of picture text -->\nQ1 Q2 Q3<br><!-- End of picture text -->\n\n| a<br>b | c |\n<mark>x</mark>"
-    assert clean_markdown(_strip_markup(raw)) == "Q1 Q2 Q3\n\n| a<br>b | c |\nx\n"  # <br> stays inside a table
-    assert unmapped_share("\ufffd\ufffd\ufffd ab") == 0.6 and unmapped_share("plain text, é 漢字") == 0.0
+    assert [c for c in "\ufffd a\ue001b\x07 é 漢字 한글\n" if unmapped(c)] == ["\ufffd", "\ue001", "\x07"]

@@ -14,24 +14,32 @@ def _params(args):
     params.yaml where none was named, the built-in defaults: every command works from any folder."""
     from .params import Params
 
-    if args.params == DEFAULT_PARAMS and not Path(DEFAULT_PARAMS).exists():
-        params = Params()
-    else:
-        params = load_params(args.params)
+    seed = args.params == DEFAULT_PARAMS and not Path(DEFAULT_PARAMS).exists()
+    params = Params() if seed else load_params(args.params)
     config = getattr(args, "train_config", None)
     if config is not None:
         from .seed_config import load_train_config
 
         if config != DEFAULT_TRAIN_CONFIG or Path(config).is_file():
             params = load_train_config(config, params)
+            seed = True
+    if args.command == "infer" and getattr(args, "config", None):  # a teacher config, then -S over it
+        from .seed_config import load_teacher_config
+
+        params, args.teacher_output = load_teacher_config(args.config, params)
     overrides = list(getattr(args, "set", None) or [])
     if getattr(args, "mode", None) and args.command != "inspect":
         overrides.insert(0, f"lora.mode={args.mode}")
+    if seed and args.command == "train":
+        # the seed README's defaults, where its config (or no params.yaml) is in use: flags and --set win
+        given = {o.split("=", 1)[0] for o in overrides}
+        overrides[:0] = [f"{k}={v}" for k, v in SEED_TRAIN_DEFAULTS.items() if k not in given]
     return apply_overrides(params, overrides)
 
 
 DEFAULT_PARAMS = "params.yaml"
 DEFAULT_TRAIN_CONFIG = "config/train_config.yaml"  # the seed README's path: read when it exists
+SEED_TRAIN_DEFAULTS = {"lora.mode": "vision", "train.output_dir": "models/finetuned"}
 
 
 def apply_overrides(params, overrides: list[str]):
@@ -62,34 +70,29 @@ def cmd_pdf2img(args):
     from .pdf import render_pages
 
     m = render_pages(args.pdf, args.output, dpi=args.dpi, fmt=args.format, start_page=args.start_page,
-                     end_page=args.end_page, workers=args.workers)
+                     end_page=args.end_page, workers=args.workers, max_pixels=args.max_pixels)
+    # each skipped PDF or page was reported as it was met
     print(f"rendered {len(m.pages)} pages to {args.output}; skipped {len(m.skipped)} PDFs or pages")
-    for s in m.skipped:
-        print(f"  skipped {s['pdf']}: {s['reason']}")
     if not m.pages and not m.skipped:
         raise ParamsError(f"{args.pdf}: no PDF found (files ending in .pdf, subfolders included)")
     return 0 if m.pages else 1
 
 
 def cmd_infer(args):
-    """Pages in, one file per document out, with the local model (default) or the teacher a --config names."""
+    """Pages in, one file per document out, with the teacher of the params in effect (`teacher.kind`, after
+    --config and -S), or the local model when --adapter names a fine-tuned adapter."""
     from .infer import image_pages, infer_documents
     from .teachers.base import PageLabel
     from .teachers import get_teacher
     from .teachers.prompts import teacher_prompts
 
-    params = _params(args)
-    output = {}
-    if args.config:
-        from .seed_config import load_teacher_config
-
-        params, output = load_teacher_config(args.config, params)
-    else:  # no config: the local model of params.yaml (model.*), with --adapter if given
-        params.teacher.kind = "local"
+    params = _params(args)  # params.yaml, then --config, then -S
+    output = getattr(args, "teacher_output", {})
     fmt = args.format or output.get("format", "md")
     if args.task:
         params.teacher.task = args.task
-    if args.adapter:
+    if args.adapter:  # a fine-tuned adapter is read by the local model, whatever teacher.kind says
+        params.teacher.kind = "local"
         params.teacher.local.adapter = args.adapter
     if args.max_new_tokens:
         params.teacher.local.max_new_tokens = params.teacher.api.max_tokens = args.max_new_tokens
@@ -107,14 +110,12 @@ def cmd_infer(args):
         from .pdf import render_pages, source_pdf
         from .teachers.base import PageInput
 
-        manifest = render_pages(args.pdf, out / "pages", dpi=args.dpi, workers=params.pdf2img.workers)
-        for skipped in manifest.skipped:
-            print(f"skipped {skipped['pdf']}" + (f" page {skipped['page']}" if "page" in skipped else "")
-                  + f": {skipped['reason']}")
+        dpi = args.dpi if args.dpi is not None else params.pdf2img.dpi
+        manifest = render_pages(args.pdf, out / "pages", dpi=dpi, workers=params.pdf2img.workers,
+                                max_pixels=params.pdf2img.max_pixels)  # skipped PDFs and pages reported there
         pages = [PageInput(p.doc, p.page, out / "pages" / p.image, source_pdf(args.pdf, p)) for p in manifest.pages]
-        docs = {p.doc for p in pages}
         failed = [PageLabel(s["doc"], s["page"], "", "failed", reason=f"not rendered: {s['reason']}")
-                  for s in manifest.skipped if "page" in s and s.get("doc") in docs]
+                  for s in manifest.skipped if "page" in s]
     else:
         try:
             pages, others = image_pages(args.images, out / "pages")
@@ -127,6 +128,13 @@ def cmd_infer(args):
         raise ParamsError("no page images to transcribe" + ("" if args.pdf else
                           " (any image format Pillow reads: PNG, JPEG, TIFF, WebP, BMP, GIF...)"))
     teacher = get_teacher(params)
+    print(f"transcribing {len(pages)} pages with teacher {params.teacher.kind}" + (
+        f" ({params.model.base}" + (f" + adapter {params.teacher.local.adapter}" if params.teacher.local.adapter
+                                    else "") + ")" if params.teacher.kind == "local" else ""), flush=True)
+    if params.teacher.kind == "local" and params.model.base == "tiny":
+        print("WARNING: model.base is `tiny`, a random model built for tests: its output is noise. Name a real "
+              "checkpoint (-S model.base=deepseek-community/DeepSeek-OCR-2) or another teacher "
+              "(-S teacher.kind=pdf_text, or --config config/teacher_api.yaml).", file=sys.stderr, flush=True)
     written = infer_documents(teacher, pages, out, fmt=fmt, failed=failed)
     print(f"wrote {len(written)} documents ({fmt}) to {out}")
     if args.pdf and output.get("save_images") is False:  # the seed config's output.save_images: false
@@ -136,6 +144,9 @@ def cmd_infer(args):
     usage = getattr(teacher, "usage", None)
     if usage is not None:
         print("requests:", usage.summary())
+    if written.failed:  # what succeeded is written; a script or `make` must still see that pages are missing
+        print(f"{written.failed} of {written.pages} pages failed: their documents (or the lines above) say why")
+        return 1
     return 0
 
 
@@ -174,7 +185,7 @@ def cmd_evaluate(args):
         user = get_prompt(params.teacher.prompts_file, args.task).user
         prompt = user if "<image>" in user else f"<image>\n{user}"
     result = evaluate_adapter(params, args.dataset, None if args.base_only else args.adapter,
-                              metrics_dir=args.metrics_dir, prompt=prompt)
+                              metrics_dir=args.metrics_dir, prompt=prompt, seen_jsonl=args.seen)
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(json.dumps(result["summary"], indent=2))
@@ -208,8 +219,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ocr-finetune")
+    except PackageNotFoundError:  # run from a checkout that was never installed (python main.py)
+        from . import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .params import Pdf2ImgParams
+
     ap = argparse.ArgumentParser(prog="ocr-finetune", description=__doc__)
+    ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     def with_params(p):
@@ -222,11 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pdf2img", help="render PDF pages to images")
     p.add_argument("--source", "--pdf", dest="pdf", required=True, help="a PDF file or a directory of PDFs")
     p.add_argument("--output", "-o", default="./output_images", help="default: ./output_images")
-    p.add_argument("--dpi", type=int, default=200)
-    p.add_argument("--format", choices=["png", "jpg"], default="png")
-    p.add_argument("--start-page", type=int, default=1)
-    p.add_argument("--end-page", type=int, default=None)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--dpi", type=int, default=200, help="resolution of the page images, 10 to 1200 (default: 200)")
+    p.add_argument("--format", choices=["png", "jpg"], default="png", help="image format (default: png)")
+    p.add_argument("--start-page", type=int, default=1, help="first page of each PDF, from 1 (default: 1)")
+    p.add_argument("--end-page", type=int, default=None, help="last page of each PDF (default: its last)")
+    p.add_argument("--workers", type=int, default=2, help="processes rendering pages in parallel (default: 2)")
+    p.add_argument("--max-pixels", type=_positive_int, default=Pdf2ImgParams().max_pixels,
+                   help="pixels per page at most; a larger page is rendered at the dpi that fits "
+                        "(default: %(default)s, as pdf2img.max_pixels)")
     p.set_defaults(func=cmd_pdf2img)
 
     p = with_params(sub.add_parser("infer", help="transcribe PDFs or page images to Markdown, one file per document"))
@@ -234,48 +262,58 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--pdf", help="a PDF file or a directory of PDFs")
     src.add_argument("--images", help="a directory of page images ({doc}_p{N}.png)")
     p.add_argument("--output", "-o", default="./output", help="default: ./output")
-    p.add_argument("--config", help="a teacher config: params sections (config/examples/teacher_api.example.yaml) "
-                                    "or the seed README's shape (config/examples/teacher_api.seed.yaml)")
+    p.add_argument("--config", help="a teacher config, in the seed README's shape (config/examples/"
+                                    "teacher_api.example.yaml) or as params sections (teacher_api.params.example.yaml);"
+                                    " -S overrides it")
     p.add_argument("--task", help="the prompt task (see --list-prompts)")
     p.add_argument("--list-prompts", action="store_true", help="list the tasks of the prompts file and exit")
     p.add_argument("--format", choices=["md", "jsonl", "json"], default=None,
                    help="md: the document; json: pages with status; jsonl: training records")
-    p.add_argument("--adapter", help="a LoRA adapter for the local model")
-    p.add_argument("--dpi", type=int, default=200)
-    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--adapter", help="a LoRA adapter: transcribe with the local model and it (else teacher.kind)")
+    p.add_argument("--dpi", type=int, default=None,
+                   help=f"resolution --pdf pages are rendered at (default: pdf2img.dpi of the params, "
+                        f"{Pdf2ImgParams().dpi} built in)")
+    p.add_argument("--max-new-tokens", type=int, help="tokens a page's transcription may take at most (default: "
+                                                       "teacher.local.max_new_tokens / teacher.api.max_tokens)")
     p.add_argument("--batch-size", type=_positive_int,
                    help="pages decoded together by the local model (GPU throughput grows up to 64-128)")
     p.set_defaults(func=cmd_infer)
 
     p = with_params(sub.add_parser("train", help="LoRA fine-tune on a JSONL dataset"))
-    p.add_argument("--dataset", default="data/dataset/train.jsonl")
-    p.add_argument("--mode", choices=["vision", "llm", "both"], help="LoRA mode (default: lora.mode)")
+    p.add_argument("--dataset", default="data/dataset/train.jsonl", help="default: %(default)s")
+    p.add_argument("--mode", choices=["vision", "llm", "both"],
+                   help="LoRA mode (default: lora.mode of params.yaml; vision with a train config or no params.yaml)")
     p.add_argument("--config", dest="train_config", default=DEFAULT_TRAIN_CONFIG,
                    help="a train config, the seed's shape or params sections (default: config/train_config.yaml "
                         "where it exists; config/examples/train_config.example.yaml shows it)")
-    p.add_argument("--output", help="adapter directory (default: train.output_dir)")
-    p.add_argument("--metrics-dir", default=None)
+    p.add_argument("--output", help="adapter directory (default: train.output_dir of params.yaml; ./models/finetuned "
+                                    "with a train config or no params.yaml)")
+    p.add_argument("--metrics-dir", default=None, help="write train.json and train_loss.csv here (default: none)")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run from its last checkpoint (error if there is none)")
     p.set_defaults(func=cmd_train)
 
     p = with_params(sub.add_parser("evaluate", help="base vs fine-tuned CER/WER on a JSONL dataset"))
-    p.add_argument("--dataset", default="data/dataset/eval.jsonl")
-    p.add_argument("--adapter", default="models/adapter")
-    p.add_argument("--base-only", action="store_true")
+    p.add_argument("--dataset", default="data/dataset/eval.jsonl", help="default: %(default)s")
+    p.add_argument("--adapter", default="models/adapter", help="the LoRA adapter to score (default: %(default)s)")
+    p.add_argument("--base-only", action="store_true", help="score the base model alone, without an adapter")
     p.add_argument("--task", help="prompt task from teacher.prompts_file (default: the dataset's prompt)")
     p.add_argument("--output", help="write the full result (per page) as JSON")
-    p.add_argument("--metrics-dir", default=None)
+    p.add_argument("--metrics-dir", default=None,
+                   help="write eval.json and the per-document and per-page metrics here (default: none)")
+    p.add_argument("--seen", metavar="JSONL",
+                   help="the adapter's training set: up to evaluate.seen_pages of its pages are scored apart, "
+                        "to show what it learned beside the held-out scores")
     p.set_defaults(func=cmd_evaluate)
 
     p = with_params(sub.add_parser("inspect", help="LoRA targets and trainable parameters per mode"))
-    p.add_argument("--mode", choices=["vision", "llm", "both"])
+    p.add_argument("--mode", choices=["vision", "llm", "both"], help="one LoRA mode (default: all three)")
     p.add_argument("--modules", action="store_true", help="list every targeted module")
     p.set_defaults(func=cmd_inspect)
 
     p = with_params(sub.add_parser("export", help="merge an adapter into full weights, or export it for vLLM"))
-    p.add_argument("--adapter", default="models/adapter")
-    p.add_argument("--output", "-o", default="models/export")
+    p.add_argument("--adapter", default="models/adapter", help="the LoRA adapter to export (default: %(default)s)")
+    p.add_argument("--output", "-o", default="models/export", help="default: %(default)s")
     p.add_argument("--format", choices=["merged", "vllm-lora"], default="merged",
                    help="merged: full weights (any LoRA mode); vllm-lora: an `llm` adapter under vLLM's names")
     p.set_defaults(func=cmd_export)

@@ -225,9 +225,11 @@ def train_batches(dataset: TrainPages, plan: list[list[list[int]]], rank: int, w
         for step in shares:
             for k, mb in enumerate(step):
                 items = [next(pages) for _ in mb]
-                tensors = pin(pad_batch(items, pad_id, dataset.family, left), pin_memory)
-                yield MicroBatch(tensors, [_bookkeeping(x) for x in items], k == len(step) - 1)
-    return background(batches(), depth=2)
+                tensors = pin(pad_batch(items, pad_id, dataset.family, left, pin_memory), pin_memory)
+                kept = [_bookkeeping(x) for x in items]
+                del items  # the pages' own tensors (27 MiB each): not held while the queue is full
+                yield MicroBatch(tensors, kept, k == len(step) - 1)
+    return background(batches(), depth=1)
 
 
 def _bookkeeping(x: Encoded) -> Encoded:
@@ -235,7 +237,7 @@ def _bookkeeping(x: Encoded) -> Encoded:
                    image_tokens=x.image_tokens, index=x.index, cache_key=x.cache_key)
 
 
-def pad_batch(items: list[Encoded], pad_id: int, family, left: bool = False) -> dict:
+def pad_batch(items: list[Encoded], pad_id: int, family, left: bool = False, pin: bool = False) -> dict:
     """Pad a list of Encoded examples into one batch (on the right, or on the left so that every example's
     target ends at the last position). Image inputs: pixels when no example has features; otherwise
     `image_features` per example (None where not yet computed) and `missing_pixels`, the pixels of those."""
@@ -249,11 +251,11 @@ def pad_batch(items: list[Encoded], pad_id: int, family, left: bool = False) -> 
         ids[i, span], labels[i, span], mask[i, span] = x.input_ids, x.labels, 1
     batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
     if all(x.features is None for x in items) and not any(x.cache_key for x in items):
-        return {**batch, **family.collate_pixels([x.pixel for x in items])}
+        return {**batch, **family.collate_pixels([x.pixel for x in items], pin)}
     missing = [x.pixel for x in items if x.features is None]
     batch["image_features"] = [x.features for x in items]
     if missing:
-        batch["missing_pixels"] = family.collate_pixels(missing)
+        batch["missing_pixels"] = family.collate_pixels(missing, pin)
     return batch
 
 
@@ -318,9 +320,11 @@ def generation_batches(dataset: PromptPages, batch_size: int, workers: int,
             else:
                 chunk.append((i, page))
             if len(chunk) == batch_size or (i == len(dataset) - 1 and (chunk or failures)):
-                inputs, width = dataset.family.collate_prompts([p for _, p in chunk], pad_id) if chunk else (None, 0)
-                yield GenerationBatch([i for i, _ in chunk], pin(inputs, pin_memory), width, failures)
-                chunk, failures = [], []
+                inputs, width = (dataset.family.collate_prompts([p for _, p in chunk], pad_id, pin_memory)
+                                 if chunk else (None, 0))
+                ready = GenerationBatch([i for i, _ in chunk], pin(inputs, pin_memory), width, failures)
+                chunk, failures, page = [], [], None  # the pages' own tensors: not held while the queue is full
+                yield ready
     # one batch ready beside the one decoding: preparing a batch takes a fraction of decoding it, and each
     # batch in flight is batch_size pages of pixels (27 MiB a gundam page in bf16) in pinned host memory
     return background(batches(), depth=1)

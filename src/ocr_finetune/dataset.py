@@ -4,6 +4,10 @@ A record, in the seed's format (image paths relative to the JSONL file):
     {"messages": [{"role": "<|User|>", "content": "<image>\\n<prompt>", "images": ["../pages/a_p1.png"]},
                   {"role": "<|Assistant|>", "content": "<markdown>"}],
      "meta": {"doc": "a", "page": 1}}
+
+An image path stays within the JSONL file's folder or the folder above it (its sibling pages folder, as
+build_dataset writes it): absolute paths and `..` beyond that are refused, so a dataset file cannot make
+training read (and an adapter learn) a file elsewhere on disk.
 """
 
 from __future__ import annotations
@@ -11,10 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
+import re
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, TextIO
 
 from .teachers.base import PageLabel
 
@@ -54,6 +60,22 @@ def make_record(image_rel: str, prompt: str, target: str, doc: str, page: int) -
             "meta": {"doc": doc, "page": page}}
 
 
+IMAGE_PATH_RULE = ("image paths must be relative to the JSONL file and stay within its folder or the folder "
+                   "above it, as build_dataset writes them (\"../pages/x.png\" beside dataset/train.jsonl); "
+                   "absolute paths and `..` beyond that are refused")
+
+
+def escapes(image: str) -> bool:
+    """Whether an image path, as written in a record, leaves the JSONL file's folder and the one above it.
+    Judged on the text (links inside the tree are the user's own and followed); backslashes count as
+    separators, as a file written on Windows means them."""
+    name = image.replace("\\", "/")
+    if name.startswith("/") or re.match(r"[A-Za-z]:", name):  # absolute, or a Windows drive
+        return True
+    parts = posixpath.normpath(name).split("/")  # `..` now only leads: "a/../../../x" is "../../x"
+    return parts[:2] == ["..", ".."] or parts == [".."]
+
+
 def validate_record(rec, where: str) -> None:
     def bad(msg):
         raise DatasetError(f"{where}: {msg}")
@@ -71,6 +93,8 @@ def validate_record(rec, where: str) -> None:
     images = user.get("images")
     if not isinstance(images, list) or len(images) != 1 or not isinstance(images[0], str):
         bad('the user message needs "images": [one path]')
+    if escapes(images[0]):
+        bad(f"image path {images[0]!r} leaves the dataset's folders: {IMAGE_PATH_RULE}")
     if not isinstance(assistant.get("content"), str) or not assistant["content"].strip():
         bad("the assistant message (the label) is empty")
     meta = rec.get("meta")
@@ -167,31 +191,113 @@ def check_labels_complete(labels: list[PageLabel], pages_dir: Path) -> None:
                            "teacher_label again; the api and local teachers keep finished pages in their cache.")
 
 
+class ReplacedTogether:
+    """Text files written under temporary names beside their targets and moved into place only once every one
+    of them is complete: a build stopped midway (a bad row, Ctrl-C, a full disk) leaves the previous files as
+    they were and no temporary ones, never some new, some old and some cut short."""
+
+    def __init__(self, *paths: Path):
+        self.paths = [Path(p) for p in paths]
+        self.tmps = [p.with_name(f".{p.name}.{os.getpid()}.tmp") for p in self.paths]
+        self.files: list[TextIO] = []
+
+    def __enter__(self) -> list[TextIO]:
+        for path in self.paths:  # left by a run that was killed
+            for stale in path.parent.glob(f".{path.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+        try:
+            for tmp in self.tmps:
+                self.files.append(tmp.open("w", encoding="utf-8"))
+        except BaseException:
+            self._discard()
+            raise
+        return self.files
+
+    def __exit__(self, kind, value, tb) -> None:
+        try:
+            for f in self.files:
+                f.close()  # a full disk may only tell here
+        except BaseException:
+            self._discard()
+            raise
+        if kind is not None:
+            self._discard()
+            return
+        for tmp, path in zip(self.tmps, self.paths):
+            os.replace(tmp, path)
+
+    def _discard(self) -> None:
+        for f in self.files:
+            try:
+                f.close()
+            except OSError:
+                pass
+        for tmp in self.tmps:
+            tmp.unlink(missing_ok=True)
+
+
+# why a page is not in the dataset, most urgent first: failed pages can be asked for again
+DROPPED_ORDER = ("failed", "degenerate", "empty", "unlabeled")
+
+
+def _dropped_as(status: str) -> str:
+    return "empty" if status == "labeled" else status  # labeled, but with an empty label
+
+
+def dropped_note(summary: dict) -> str | None:
+    """One line: how many pages build_dataset left out, by why, with the first of each; None if none."""
+    counts = summary.get("dropped") or {}
+    if not counts:
+        return None
+    total = sum(counts.values())
+    first = {}
+    for x in summary["skipped_pages"]:
+        first.setdefault(_dropped_as(x["status"]), x)
+    kinds = sorted(counts, key=lambda k: DROPPED_ORDER.index(k) if k in DROPPED_ORDER else len(DROPPED_ORDER))
+    parts = []
+    for kind in kinds:
+        x = first.get(kind)
+        example = f" (the first: {x['doc']} page {x['page']}: {x['reason']})" if x else ""
+        parts.append(f"{counts[kind]} {kind}{example}")
+    note = f"{total} page{'s' if total != 1 else ''} not in the dataset: " + ", ".join(parts)
+    if counts.get("failed"):
+        note += "; failed pages are asked for again the next time teacher_label runs"
+    return note
+
+
 def build_dataset(labels: list[PageLabel], pages_dir: str | Path, out_dir: str | Path, prompt: str,
                   eval_fraction: float, seed: int) -> dict:
-    """Write train.jsonl and eval.jsonl from labeled pages; return a summary (counts, documents per split)."""
+    """Write train.jsonl, eval.jsonl and summary.json from labeled pages, all three or none (the previous ones
+    are kept when the build stops); return the summary (counts, documents per split, pages left out and why)."""
     pages_dir, out_dir = Path(pages_dir), Path(out_dir)
     check_labels_complete(labels, pages_dir)
+    if escapes(Path(os.path.relpath(pages_dir / "x", out_dir)).as_posix()):
+        raise DatasetError(f"data.pages_dir ({pages_dir}) is not within the folder above data.dataset_dir "
+                           f"({out_dir}), so the dataset could not name its images: {IMAGE_PATH_RULE}. Give both "
+                           "folders one parent (e.g. data/pages and data/dataset)")
     out_dir.mkdir(parents=True, exist_ok=True)
     usable = [x for x in labels if x.status == "labeled" and x.text and x.text.strip()]
     train_docs, eval_docs = split_documents([x.doc for x in usable], eval_fraction, seed)
+    kept = {id(x) for x in usable}
+    dropped = [x for x in labels if id(x) not in kept]
+    counts: dict[str, int] = {}
+    for x in dropped:
+        counts[_dropped_as(x.status)] = counts.get(_dropped_as(x.status), 0) + 1
     summary = {"train": {"pages": 0, "docs": sorted(train_docs)}, "eval": {"pages": 0, "docs": sorted(eval_docs)},
-               "skipped_pages": [{"doc": x.doc, "page": x.page, "status": x.status, "reason": x.reason}
-                                 for x in labels if x not in usable]}
-    files = {"train": (out_dir / "train.jsonl").open("w", encoding="utf-8"),
-             "eval": (out_dir / "eval.jsonl").open("w", encoding="utf-8")}
-    try:
-        for n, x in enumerate(sorted(usable, key=lambda x: (x.doc, x.page)), start=1):
+               "dropped": dict(sorted(counts.items())),
+               "skipped_pages": [{"doc": x.doc, "page": x.page, "status": x.status,
+                                  "reason": x.reason if x.reason or x.status != "labeled" else "the label is empty"}
+                                 for x in dropped]}
+    with ReplacedTogether(out_dir / "train.jsonl", out_dir / "eval.jsonl", out_dir / "summary.json") as written:
+        files = dict(zip(("train", "eval", "summary"), written))
+        for x in sorted(usable, key=lambda x: (x.doc, x.page)):
             image = pages_dir / x.image
             if not image.is_file():
                 raise DatasetError(f"label for {x.doc} page {x.page}: image not found: {image}")
             split = "eval" if x.doc in eval_docs else "train"
             rec = make_record(Path(os.path.relpath(image, out_dir)).as_posix(), prompt, x.text, x.doc, x.page)
-            validate_record(rec, f"{split}.jsonl:{summary[split]['pages'] + 1}")
+            validate_record(rec, f"label for {x.doc} page {x.page} ({split}.jsonl:{summary[split]['pages'] + 1})")
             files[split].write(json.dumps(rec, ensure_ascii=False) + "\n")
             summary[split]["pages"] += 1
-    finally:
-        for f in files.values():
-            f.close()
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        files["summary"].write(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary

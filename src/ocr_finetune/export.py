@@ -5,8 +5,9 @@
   (`model.sam_model.blocks...`, `model.layers...`, one tensor per expert): the names vLLM's DeepSeek-OCR
   loaders read. A vision adapter must be merged this way: vLLM serves LoRA on the language model only.
 - `vllm-lora`: an `llm` adapter kept separate (serve one base, switch adapters per request), its tensors
-  renamed from our in-memory module paths (`model.language_model.layers...`) to the original checkpoint's
-  (`model.layers...`), which is what vLLM maps its LoRA weights from.
+  under the original checkpoint's names (`model.layers...`), which is what vLLM maps its LoRA weights from:
+  as `lora.save_adapter` saves them, or renamed from our in-memory module paths
+  (`model.language_model.layers...`) for an adapter saved before it.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def export_vllm_lora(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     weights = read_adapter_tensors(adapter_weights(adapter_dir))
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    outside = sorted(k for k in weights if ".language_model." not in k)
+    # the language model's layers, under either name (original checkpoint's, or in-memory for older adapters)
+    llm = re.compile(r"base_model\.model\.model\.(language_model\.)?layers\.\d+\.")
+    outside = sorted(k for k in weights if not llm.match(k))
     if outside or config.get("target_parameters"):
         raise ValueError(f"{adapter_dir}: vLLM serves LoRA on the language model's linear layers only; this adapter "
                          f"also adapts {outside[0] if outside else 'the routed experts'}. Export it merged instead "

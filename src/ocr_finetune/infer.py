@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections import Counter, defaultdict
 from dataclasses import asdict
 from pathlib import Path
@@ -17,10 +18,11 @@ from transformers import LogitsProcessorList
 from .decoding import WindowedNoRepeatNGram, decode_generated, exempt_ids
 from .lora import load_adapter
 from .models.base import load_image
-from .dataset import make_record
+from .dataset import escapes, make_record
 from .params import DEFAULT_PROMPT, Params
 from .teachers.base import PageInput, PageLabel
-from .pdf import list_files, parse_page_image_name
+from .files import write_text_atomic
+from .pdf import list_files, parse_page_image_name, readable
 from .runtime import pick_device, pick_dtype
 from .data import PromptPages, WaitClock, default_workers, generation_batches, to_device
 from .loading import adapter_params, load_base
@@ -193,11 +195,21 @@ def _tiff_frames(path: Path, doc: str, frames_dir: Path) -> list[tuple[int, Path
         return []
 
 
+class Written(list):
+    """The files `infer_documents` wrote, in order; `pages`: the pages asked for, `failed`: those without a
+    transcription in them (the page failed, or its document could not be written)."""
+
+    def __init__(self, pages: int):
+        super().__init__()
+        self.pages, self.failed = pages, 0
+
+
 def infer_documents(teacher, pages: list[PageInput], out_dir: str | Path, fmt: str = "md",
-                    progress: bool = True, failed: Iterable[PageLabel] = ()) -> list[Path]:
+                    progress: bool = True, failed: Iterable[PageLabel] = ()) -> Written:
     """Transcribe pages with any teacher; write each document the moment its last page is answered, so
     finished documents can be opened while the run goes on. `failed`: pages that never reached the teacher
-    (not rendered), shown in their documents as missing. Returns the files in the order written."""
+    (not rendered), shown in their documents as missing. A document that cannot be written (its name too long
+    for the file system, a full disk) is reported and counted failed; the others go on."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     failed = list(failed)
@@ -205,19 +217,45 @@ def infer_documents(teacher, pages: list[PageInput], out_dir: str | Path, fmt: s
     done: dict[str, list[PageLabel]] = defaultdict(list)
     for x in failed:
         done[x.doc].append(x)
-    written = [write_document(doc, sorted(done.pop(doc), key=lambda x: x.page), pages, out_dir, fmt)
-               for doc in sorted({x.doc for x in failed} - {p.doc for p in pages})]  # no page rendered
+    written = Written(len(pages) + len(failed))
+    for doc in sorted({x.doc for x in failed} - {p.doc for p in pages}):  # no page rendered
+        _write_or_report(written, doc, done.pop(doc), pages, out_dir, fmt)
     bar = tqdm(total=len(pages), desc=f"infer ({teacher.name})", unit="page", disable=not progress)
     for label in teacher.label(pages):
         bar.update(1)
         done[label.doc].append(label)
         if len(done[label.doc]) == expected[label.doc]:
-            written.append(write_document(label.doc, sorted(done.pop(label.doc), key=lambda x: x.page), pages,
-                                          out_dir, fmt))
+            _write_or_report(written, label.doc, done.pop(label.doc), pages, out_dir, fmt)
             wait = getattr(teacher, "data_wait_fraction", None)  # the local model: time it waited for pages
             bar.set_postfix(docs=len(written), **({"data_wait": f"{wait:.0%}"} if wait is not None else {}))
     bar.close()
     return written
+
+
+def _write_or_report(written: Written, doc: str, labels: list[PageLabel], pages: list[PageInput], out_dir: Path,
+                     fmt: str) -> None:
+    labels = sorted(labels, key=lambda x: x.page)
+    try:
+        written.append(write_document(doc, labels, pages, out_dir, fmt))
+    except (OSError, UnicodeEncodeError) as e:  # this document's name or the disk, not the run
+        written.failed += len(labels)
+        tqdm.write(f"failed {readable(doc)}: not written ({getattr(e, 'strerror', None) or e})")
+        return
+    written.failed += sum(1 for x in labels if x.status == "failed")
+
+
+def record_image(image: Path, out_dir: Path, doc: str, page: int) -> str:
+    """The page image as a training record names it: relative to the JSONL. A dataset may only name images in
+    its own tree (dataset.escapes), so a page from elsewhere (`--images ~/scans`) is copied into OUT/pages."""
+    rel = Path(os.path.relpath(image, out_dir)).as_posix()
+    if not escapes(rel):
+        return rel
+    name = f"{doc.replace('/', '_')}_p{page}{image.suffix}"  # two folders may hold files of one name
+    copy = out_dir / "pages" / name
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    if not copy.exists() or not os.path.samefile(copy, image):
+        shutil.copy2(image, copy)
+    return f"pages/{name}"
 
 
 def write_document(doc: str, labels: list[PageLabel], pages: list[PageInput], out_dir: Path, fmt: str) -> Path:
@@ -232,10 +270,8 @@ def write_document(doc: str, labels: list[PageLabel], pages: list[PageInput], ou
         text = json.dumps({"doc": doc, "pages": [asdict(x) for x in labels]}, indent=2, ensure_ascii=False) + "\n"
     else:  # jsonl: training records, image paths relative to this file
         images = {(p.doc, p.page): p.image for p in pages}
-        rows = [make_record(os.path.relpath(images[(doc, x.page)], out_dir), DEFAULT_PROMPT, x.text, doc, x.page)
+        rows = [make_record(record_image(images[(doc, x.page)], out_dir, doc, x.page), DEFAULT_PROMPT, x.text, doc, x.page)
                 for x in labels if x.status == "labeled"]
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)  # atomic: a reader never sees half a document
+    write_text_atomic(path, text)  # a reader never sees half a document
     return path

@@ -105,14 +105,52 @@ def read_adapter_tensors(weights: Path) -> dict:
         raise ValueError(f"{weights} cannot be read ({type(e).__name__}: {e}); train again or restore it") from None
 
 
-def load_adapter(base_model, adapter_dir: str | Path, compute: str = "model_dtype") -> PeftModel:
-    """Load a saved adapter onto a base model and check every adapter tensor landed.
+def save_adapter(peft_model: PeftModel, out_dir: Path) -> None:
+    """`save_pretrained`, with the tensors named as PEFT's own loader expects them.
 
-    `PeftModel.from_pretrained` is not used: with transformers 5.23 + PEFT 0.21 it renames language-model
-    keys on DeepSeek-OCR-2 (`language_model.language_model.layers...`), warns, and leaves an `llm` adapter at
-    zero, so the "fine-tuned" model silently equals the base. Rebuilding the PEFT model from the saved config
-    and loading the tensors under their in-memory names is exact, and missing keys are an error here.
-    """
+    On load, PEFT (0.21, with transformers 5) renames an adapter's keys through transformers' load-time
+    conversion of the base checkpoint (`model.layers.` -> `model.language_model.layers.` on DeepSeek-OCR-2),
+    while `save_pretrained` writes the in-memory names: `PeftModel.from_pretrained` then renames them a
+    second time (`language_model.language_model...`), places none of an `llm` adapter's tensors and only
+    warns. Saved under the original checkpoint's names (that conversion reversed), the adapter loads with
+    plain `PeftModel.from_pretrained` as with load_adapter; a name that would not come back is an error."""
+    from safetensors.torch import save_file
+
+    peft_model.save_pretrained(out_dir)
+    weights = out_dir / ADAPTER_WEIGHTS
+    saved = load_file(str(weights))
+    base = peft_model.get_base_model()
+    serialized = {serialized_name(base, key): value for key, value in saved.items()}
+    back = to_model_names(base, peft_model.peft_config["default"], serialized)
+    if set(back) != set(saved):
+        wrong = sorted(set(saved) - set(back))[0]
+        raise RuntimeError(f"adapter tensor {wrong}: PEFT's loader would not find it under any saved name")
+    save_file(serialized, str(weights), metadata={"format": "pt"})
+
+
+def serialized_name(base_model, key: str) -> str:
+    """An adapter key under the base checkpoint's original names (transformers' load-time renaming reversed)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+    conversions = get_model_conversion_mapping(base_model, add_legacy=False)[::-1]
+    renamings = [r for r in (c.reverse_transform() for c in conversions) if isinstance(r, WeightRenaming)]
+    prefix = "base_model.model."
+    inner = key.removeprefix(prefix)
+    return (prefix if key.startswith(prefix) else "") + apply_renamings(inner, renamings)
+
+
+def to_model_names(base_model, config, saved: dict) -> dict:
+    """Saved adapter tensors under the names PEFT's loader gives them (its transformers-5 key conversion)."""
+    from peft.utils.transformers_weight_conversion import convert_peft_adapter_state_dict_for_transformers
+
+    return convert_peft_adapter_state_dict_for_transformers(base_model, config, dict(saved))
+
+
+def load_adapter(base_model, adapter_dir: str | Path, compute: str = "model_dtype") -> PeftModel:
+    """Load a saved adapter onto a base model and check every adapter tensor landed (PEFT's loader only warns
+    about tensors it could not place). Reads adapters saved by save_adapter (the original checkpoint's names,
+    renamed as PEFT's loader renames them) and those saved before it (the in-memory names)."""
     adapter_dir = Path(adapter_dir)
     weights = adapter_weights(adapter_dir)
     config = PeftConfig.from_pretrained(adapter_dir)
@@ -122,10 +160,18 @@ def load_adapter(base_model, adapter_dir: str | Path, compute: str = "model_dtyp
         compute_in_model_dtype(model)
     saved = read_adapter_tensors(weights)
     state = model.state_dict()
+
+    def in_model(key: str) -> str:
+        return key.replace(".lora_A.weight", ".lora_A.default.weight").replace(
+            ".lora_B.weight", ".lora_B.default.weight")
+
+    # renamings move the tensors, they do not copy them: each saved tensor is found again by identity
+    converted = {id(v): k for k, v in to_model_names(model.get_base_model(), config, saved).items()}
     renamed = {}
     for key, value in saved.items():
-        name = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(
-            ".lora_B.weight", ".lora_B.default.weight")
+        name = in_model(converted.get(id(value), key))
+        if name not in state:
+            name = in_model(key)  # saved before save_adapter: the in-memory name
         if name not in state:
             raise RuntimeError(f"adapter tensor {key} has no place in the model (is it for another base model?)")
         renamed[name] = value.to(state[name].dtype)

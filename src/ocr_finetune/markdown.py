@@ -6,6 +6,8 @@ import re
 
 _BOLD = re.compile(r"\*\*(.+?)\*\*")
 _LIST_ITEM = re.compile(r"^\s*([-*+]|\d+[.)]) ")
+# a GFM delimiter row: `|---|:---:|`, outer pipes optional, at least one pipe
+_DELIMITER = re.compile(r"\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*")
 
 
 def _unbold(s: str) -> str:
@@ -20,6 +22,23 @@ def table_row(line: str) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _table_lines(lines: list[str]) -> set[int]:
+    """Indices of the lines of GFM tables: a `|` row over a delimiter row, and the `|` rows after it. A line
+    that only starts with `|` (`|x| = 3 is small`) is prose and stays as written."""
+    rows, i = set(), 0
+    while i < len(lines):
+        nxt = lines[i + 1] if i + 1 < len(lines) else ""
+        if "|" in lines[i] and _DELIMITER.fullmatch(nxt):
+            rows.update((i, i + 1))
+            i += 2
+            while i < len(lines) and "|" in lines[i] and lines[i].strip():
+                rows.add(i)
+                i += 1
+        else:
+            i += 1
+    return rows
+
+
 def clean_markdown(md: str) -> str:
     """Normalise extractor quirks that carry no content.
 
@@ -27,12 +46,13 @@ def clean_markdown(md: str) -> str:
     between list items and trailing spaces on every line. A model trained on those labels would learn the
     noise, so they are removed here; everything else (nesting, tables, order) is kept as extracted.
     """
+    lines = [line.rstrip() for line in md.replace("\r\n", "\n").split("\n")]
+    tables = _table_lines(lines)
     out = []
-    for line in md.replace("\r\n", "\n").split("\n"):
-        line = line.rstrip()
+    for i, line in enumerate(lines):
         if line.lstrip().startswith("#"):
             line = _unbold(line)
-        elif line.lstrip().startswith("|"):
+        elif i in tables:
             line = table_row(line)
         out.append(line)
     # a blank line between two list items is extractor spacing, not a paragraph break

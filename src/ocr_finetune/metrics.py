@@ -153,19 +153,24 @@ def _count(node) -> int:
 
 
 def markdown_tables(text: str) -> list[list[list[str]]]:
-    """Tables in Markdown pipe syntax (with or without outer pipes: a header row over a separator row) or
-    HTML, as rows of cell texts."""
-    tables, current = [], []
-    lines = (text or "").split("\n") + [""]
+    """Tables in Markdown pipe syntax (GFM: a header row over a delimiter row, with or without outer pipes,
+    then its body rows) or HTML, as rows of cell texts. A line that merely starts with `|` (`|x| = 3`) is
+    prose: without a delimiter row under it, no table starts."""
+    tables, current = [], None
+    lines = (text or "").split("\n")
     for i, line in enumerate(lines):
-        starts = line.strip().startswith("|") or (
-            "|" in line and i + 1 < len(lines) and bool(_TABLE_RULE.fullmatch(lines[i + 1])) and "|" in lines[i + 1])
-        if starts or ("|" in line and line.strip() and current):
-            if not _TABLE_RULE.fullmatch(line):
-                current.append([c.strip() for c in line.strip().strip("|").split("|")])
-        elif current:
+        if current is not None:
+            if "|" in line and line.strip():
+                if not _TABLE_RULE.fullmatch(line):
+                    current.append([c.strip() for c in line.strip().strip("|").split("|")])
+                continue
             tables.append(current)
-            current = []
+            current = None
+        rule = lines[i + 1] if i + 1 < len(lines) else ""
+        if "|" in line and "|" in rule and _TABLE_RULE.fullmatch(rule) and not _TABLE_RULE.fullmatch(line):
+            current = [[c.strip() for c in line.strip().strip("|").split("|")]]
+    if current:
+        tables.append(current)
     tables += _html_tables(text or "")
     return tables
 

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .models import FAMILIES
+from .pdf import MAX_PAGE_PIXELS
 
 DEFAULT_PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
 
@@ -70,6 +71,10 @@ class Pdf2ImgParams(_Section):
     start_page: int = Field(1, ge=1)
     end_page: int | None = Field(None, ge=1)
     workers: int = Field(2, ge=1, le=64)
+    # pixels per page at most: a larger page (a poster, a drawing) is rendered at the dpi that fits (pdf.py,
+    # MAX_PAGE_PIXELS, says why 20 million); from 1 MP (about an A4 page at 100 dpi) to below the size Pillow
+    # refuses to open (179 MP), which every later stage reads pages with
+    max_pixels: int = Field(MAX_PAGE_PIXELS, ge=1_000_000, le=170_000_000)
 
     @model_validator(mode="after")
     def _range(self):
@@ -132,6 +137,9 @@ class TeacherParams(_Section):
     # Output guards: a page whose answer loops (this share of repeated word 8-grams or more) or runs into
     # max_tokens is marked `degenerate` and not trained on.
     max_repeat_fraction: float = Field(0.5, gt=0.0, le=1.0)
+    # Pages that failed (server errors, timeouts, unreadable images) stop teacher_label after it has written the
+    # others, so the next `dvc repro` asks for them again; true: the stage passes and the dataset goes without them
+    allow_failed_pages: bool = False
     api: ApiTeacherParams = ApiTeacherParams()
     local: LocalTeacherParams = LocalTeacherParams()
     # prompts written inline ({task: {system, user}}, the seed teacher config's `prompts:`): used instead of
@@ -240,7 +248,7 @@ class TrainParams(_Section):
     # Pages are prepared (read, processor, tokeniser) in worker processes, a few ahead of the GPU:
     # auto = every core but one, shared among the GPUs of the host; 0 = in the training process.
     num_workers: Workers = "auto"
-    prefetch: int = Field(4, ge=1)  # pages each worker prepares ahead
+    prefetch: int = Field(2, ge=1)  # pages each worker prepares ahead
     # Pages of similar label length share micro-batches (less padding to compute; data.step_plan)
     group_by_length: bool = False
     # Regional torch.compile of the layers (ocr_finetune.compiled): all | vision (towers) | llm | none.
@@ -271,6 +279,8 @@ class TrainParams(_Section):
 
 class EvaluateParams(_Section):
     split: Literal["eval", "train"] = "eval"
+    # pages of the training split read too, scored apart: what the adapter learned, beside how it generalises
+    seen_pages: int = Field(16, ge=0)
     # the official evaluation's limits: 8192 new tokens, no 40-gram twice within the last 90 tokens
     max_new_tokens: int = Field(8192, ge=1)
     batch_size: int = Field(2, ge=1)

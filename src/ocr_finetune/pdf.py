@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor
@@ -11,11 +12,27 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .files import write_text_atomic
+
 PAGE_IMAGE = re.compile(r"^(?P<doc>.+)_p(?P<page>\d+)\.(?P<ext>png|jpe?g)$", re.IGNORECASE)
 
 
-class PdfError(Exception):
+class PdfError(ValueError):
     """A PDF that cannot be rendered: missing, corrupt, encrypted, empty, or not a PDF."""
+
+
+def readable(name: str) -> str:
+    """A file name as text that can be printed and saved: bytes that are not UTF-8 (the surrogates os.listdir
+    gives them) written as `\\xe9`."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass
@@ -34,17 +51,18 @@ class PageImage:
 class RenderManifest:
     dpi: int
     format: str
+    max_pixels: int = 0  # the cap on a page's pixels (pages past it: a lower dpi); 0 in older manifests
     pages: list[PageImage] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)  # {"pdf": name, "reason": message} (+ "page")
 
     def save(self, path: Path):
-        path.write_text(json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_text_atomic(path, json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> "RenderManifest":
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
         return cls(dpi=raw["dpi"], format=raw["format"], pages=[PageImage(**p) for p in raw["pages"]],
-                   skipped=raw.get("skipped", []))
+                   skipped=raw.get("skipped", []), max_pixels=raw.get("max_pixels", 0))
 
 
 def page_image_name(doc: str, page: int, fmt: str = "png") -> str:
@@ -136,22 +154,35 @@ def source_pdf(pdf_dir: str | Path, page: PageImage) -> Path:
     return pdf_dir / (page.pdf or f"{page.doc}.pdf")
 
 
-# MuPDF refuses pixmaps past about 2^31 bytes, and no model reads more than a few thousand pixels a side:
-# a page larger than this at the asked dpi (a poster, a CAD sheet) is rendered at the dpi that fits.
-MAX_PAGE_PIXELS = 12_000
+# Pixels per rendered page at most (pdf2img.max_pixels): a page larger than this at the asked dpi (a poster,
+# a CAD sheet: 5000 pt wide at 200 dpi was 143 megapixels, 2.35 GB and 25 s to render) is rendered at the dpi
+# that fits. The models see at most ~4.7 megapixels of a page (DeepSeek-OCR gundam: a 1024 px view + 9 tiles of
+# 640 px; OCR-2: 1024 + 6 of 768), so 20 leaves 4x to scale down from, and passes A4 at 300 dpi (8.7) and A3
+# at 300 dpi (17.4) untouched; it is 60 MB as RGB, far below PIL's decompression-bomb warning (89).
+MAX_PAGE_PIXELS = 20_000_000
+
+
+def fitting_dpi(width_pt: float, height_pt: float, dpi: int, max_pixels: int) -> int:
+    """`dpi`, or the highest dpi below it at which a page of this size has at most `max_pixels` pixels."""
+    w, h = width_pt / 72, height_pt / 72
+    if w * h <= 0:
+        return dpi
+    fit = min(dpi, max(1, int(math.sqrt(max_pixels / (w * h)))))
+    while fit > 1 and math.ceil(w * fit) * math.ceil(h * fit) > max_pixels:  # MuPDF rounds the sides up
+        fit -= 1
+    return fit
 
 
 def _render_one(task) -> tuple[str, int, int, bool, int, str | None]:
     """Render one page; errors come back as text (MuPDF's exceptions do not pickle across processes)."""
-    pdf_path, index, out_path, dpi, fmt = task
+    pdf_path, index, out_path, dpi, fmt, max_pixels = task
     import pymupdf
 
     try:
         with pymupdf.open(pdf_path) as doc:
             page = doc[index]
             has_text = bool(page.get_text("text").strip())
-            longest = max(page.rect.width, page.rect.height) / 72
-            dpi = max(1, min(dpi, int(MAX_PAGE_PIXELS / longest))) if longest > 0 else dpi
+            dpi = fitting_dpi(page.rect.width, page.rect.height, dpi, max_pixels)
             pix = page.get_pixmap(dpi=dpi, alpha=False)
             if fmt == "jpg":
                 pix.save(out_path, output="jpeg", jpg_quality=92)
@@ -177,11 +208,12 @@ def _remove_previous_pages(out_dir: Path) -> None:
 
 def render_pages(source: str | Path, out_dir: str | Path, dpi: int = 200, fmt: str = "png",
                  start_page: int = 1, end_page: int | None = None, workers: int = 1,
-                 progress: bool = True) -> RenderManifest:
+                 progress: bool = True, max_pixels: int = MAX_PAGE_PIXELS) -> RenderManifest:
     """Render pages [start_page, end_page] of every PDF under `source` to `{doc}_p{N}.{fmt}` in out_dir
-    (`document_names` gives `doc`).
+    (`document_names` gives `doc`), each page at most `max_pixels` (at a lower dpi where needed).
 
-    Unreadable PDFs and pages are reported, listed in the manifest's `skipped`, and do not stop the others.
+    Unreadable PDFs and pages are reported (once, here), listed in the manifest's `skipped`, and do not stop
+    the others.
     """
     if not 10 <= dpi <= 1200:
         raise ValueError(f"dpi {dpi}: allowed values are 10 to 1200")
@@ -190,12 +222,20 @@ def render_pages(source: str | Path, out_dir: str | Path, dpi: int = 200, fmt: s
                          "and the last is not before the first")
     if fmt not in ("png", "jpg"):
         raise ValueError(f"format {fmt!r}: allowed values are png, jpg")
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels {max_pixels}: must be at least 1")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_previous_pages(out_dir)
-    manifest = RenderManifest(dpi=dpi, format=fmt)
+    manifest = RenderManifest(dpi=dpi, format=fmt, max_pixels=max_pixels)
     pdfs = {(pdf.relative_to(source).as_posix() if Path(source).is_dir() else pdf.name): pdf
             for pdf in list_pdfs(source)}
+    for rel in [rel for rel in pdfs if not _is_utf8(rel)]:
+        # its name would become the names of page images, labels and lines of UTF-8 JSON, which cannot hold it
+        del pdfs[rel]
+        manifest.skipped.append({"pdf": readable(rel), "reason": f"{readable(rel)}: the file name is not UTF-8 "
+                                 "(from another system's archive?); rename it, e.g. `convmv -f latin1 -t utf8`"})
+        tqdm.write(f"skipped {manifest.skipped[-1]['reason']}")
     names = document_names(list(pdfs))
     tasks, docs = [], []
     for rel, pdf in pdfs.items():
@@ -212,7 +252,7 @@ def render_pages(source: str | Path, out_dir: str | Path, dpi: int = 200, fmt: s
                                                            f"{start_page}"})
             tqdm.write(f"skipped {manifest.skipped[-1]['reason']}")
         for n in range(start_page, last + 1):
-            tasks.append((str(pdf), n - 1, str(out_dir / page_image_name(names[rel], n, fmt)), dpi, fmt))
+            tasks.append((str(pdf), n - 1, str(out_dir / page_image_name(names[rel], n, fmt)), dpi, fmt, max_pixels))
             docs.append((names[rel], rel))
     bar = tqdm(total=len(tasks), desc="pdf2img", unit="page", disable=not progress)
     results = []
@@ -233,7 +273,8 @@ def render_pages(source: str | Path, out_dir: str | Path, dpi: int = 200, fmt: s
             tqdm.write(f"skipped {manifest.skipped[-1]['reason']}")
             continue
         if page_dpi < dpi:
-            tqdm.write(f"note: {Path(pdf).name} page {index + 1} is too large for {dpi} dpi; rendered at {page_dpi}")
+            tqdm.write(f"note: {Path(pdf).name} page {index + 1} is more than {max_pixels:,} pixels at {dpi} dpi "
+                       f"(pdf2img.max_pixels); rendered at {page_dpi} dpi")
         manifest.pages.append(PageImage(doc=doc, page=index + 1, image=Path(out_path).name, width=w, height=h,
                                         has_text=has_text, pdf=rel, dpi=page_dpi))
     manifest.save(out_dir / "manifest.json")

@@ -19,7 +19,8 @@ from rapidfuzz.distance import Levenshtein
 from .metrics import display_text
 
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 24px; color: #222; }
+body { font-family: system-ui, "Noto Sans", "Noto Sans CJK KR", "Noto Sans KR", "NanumGothic", "Apple SD Gothic Neo",
+       "Malgun Gothic", "Noto Sans CJK JP", "Noto Sans CJK SC", sans-serif; margin: 24px; color: #222; }
 table.summary { border-collapse: collapse; margin-bottom: 24px; }
 table.summary td, table.summary th { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
 table.summary th:first-child, table.summary td:first-child { text-align: left; }
@@ -27,12 +28,16 @@ table.summary th:first-child, table.summary td:first-child { text-align: left; }
         padding: 16px 0; }
 .page img { width: 360px; border: 1px solid #ccc; }
 .texts { display: grid; grid-template-columns: repeat(3, minmax(0, 1fr)); gap: 12px; align-items: start; }
-.text { white-space: pre-wrap; font-family: ui-monospace, monospace; font-size: 12px; background: #fafafa;
+.text { white-space: pre-wrap; font-size: 12px; background: #fafafa;
+        font-family: ui-monospace, "DejaVu Sans Mono", "Noto Sans Mono CJK KR", "NanumGothicCoding", "D2Coding",
+        "Noto Sans CJK KR", "NanumGothic", "Malgun Gothic", monospace;
         border: 1px solid #ddd; padding: 8px; max-height: 480px; overflow: auto; }
 h3 { margin: 0 0 6px 0; font-size: 14px; }
 del { background: #ffd7d5; color: #82071e; }
 ins { background: #d2f4d3; color: #055d20; text-decoration: none; }
 .score { color: #555; font-weight: normal; }
+.better { color: #055d20; font-weight: bold; }
+.worse { color: #82071e; font-weight: bold; }
 """
 
 
@@ -64,13 +69,40 @@ def embedded_image(path: str | Path, width: int = 720) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+# how to read each score: lower is better for the error rates, higher for TEDS, 1 is right for the length ratio
+BETTER = {"cer": "lower", "cer_median": "lower", "cer_clipped": "lower", "cer_corpus": "lower", "wer": "lower",
+          "ned": "lower", "teds": "higher", "loop_rate": "lower", "length_ratio": "closer to 1"}
+
+
 def summary_table(summary: dict, systems: list[str]) -> str:
-    keys = ["cer", "cer_median", "cer_clipped", "cer_corpus", "wer", "ned", "teds", "loop_rate", "length_ratio"]
-    head = "".join(f"<th>{html.escape(s)}</th>" for s in systems)
-    rows = "".join(
-        f"<tr><td>{k}</td>" + "".join(f"<td>{_fmt(summary[s].get(k))}</td>" for s in systems) + "</tr>"
-        for k in keys)
-    return f'<table class="summary"><tr><th>metric</th>{head}</tr>{rows}</table>'
+    """One column per system on the held-out pages, and the change base -> fine-tuned; then the same on the
+    trained-on pages (when read). Each row says which way is better."""
+    blocks = [("held out", summary)] + ([("trained on", summary["seen"])] if "seen" in summary else [])
+    head = "".join(f"<th>{html.escape(s)}, {name} ({scores['pages']} pages)</th>" for name, scores in blocks
+                   for s in [*systems, *(["change"] if len(systems) == 2 else [])])
+    rows = []
+    for k, better in BETTER.items():
+        cells = []
+        for _, scores in blocks:
+            values = [scores[s].get(k) for s in systems]
+            cells += [f"<td>{_fmt(v)}</td>" for v in values]
+            if len(systems) == 2:
+                cells.append(f"<td>{_change(values[0], values[1], better)}</td>")
+        rows.append(f"<tr><td>{k} <span class=\"score\">({better} is better)</span></td>{''.join(cells)}</tr>")
+    return f'<table class="summary"><tr><th>metric</th>{head}</tr>{"".join(rows)}</table>'
+
+
+def _change(base, tuned, better: str) -> str:
+    """The change base -> fine-tuned, marked better or worse by the metric's direction."""
+    if base is None or tuned is None:
+        return "–"
+    delta = tuned - base
+    if better == "closer to 1":
+        gain = abs(base - 1) - abs(tuned - 1)
+    else:
+        gain = -delta if better == "lower" else delta
+    mark = ' class="better"' if gain > 1e-9 else ' class="worse"' if gain < -1e-9 else ""
+    return f"<span{mark}>{delta:+.4f}</span>"
 
 
 def _describe(norm: dict) -> str:
@@ -90,7 +122,8 @@ def write_report(result: dict, out_path: str | Path, title: str = "ocr-finetune 
     summary, pages = result["summary"], result["pages"]
     systems = [s for s in ("base", "finetuned") if s in summary]
     worst = systems[-1]
-    ordered = sorted(pages, key=lambda p: -(p[worst]["cer"] or 0))
+    # held-out pages first, then the trained-on ones; each worst first
+    ordered = sorted(pages, key=lambda p: (p.get("split") == "seen", -(p[worst]["cer"] or 0)))
     norm = result.get("normalization", {})
     collapse = norm.get("collapse_whitespace", True)
     blocks = []
@@ -105,13 +138,21 @@ def write_report(result: dict, out_path: str | Path, title: str = "ocr-finetune 
                          f'<div class="text">{char_diff(reference, display_text(p[s]["output"], **norm), collapse)}</div></div>')
         image = p.get("image")
         img = f'<img src="{embedded_image(image)}" alt="{html.escape(p["doc"])} page {p["page"]}">' if image else ""
-        blocks.append(f'<section class="page"><div><h3>{html.escape(p["doc"])} · page {p["page"]}</h3>{img}</div>'
+        split = " · trained on" if p.get("split") == "seen" else " · held out"
+        blocks.append(f'<section class="page"><div><h3>{html.escape(p["doc"])} · page {p["page"]}{split}</h3>{img}</div>'
                       f'<div class="texts">{"".join(texts)}</div></section>')
     doc = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
-           f"<p>{summary['pages']} pages from {summary['docs']} documents, worst first by {worst} CER. "
+           f"<p>{summary['pages']} held-out pages from {summary['docs']} documents"
+           + (f", then {summary['seen']['pages']} of the pages the adapter trained on (how well it learned them, "
+              "not how it generalises)" if "seen" in summary else "")
+           + f"; worst first by {worst} CER. "
            f"<del>struck</del>: in the reference, missing from the output; <ins>green</ins>: in the output only. "
            f"Texts as scored: {html.escape(_describe(norm))}."
+           + (f" Model: {html.escape(str(result['model'].get('base')))}" if result.get("model") else "")
+           + (f"; adapter: {html.escape(str(result['adapter']))}" if result.get("adapter") else "")
+           + (f"; MLflow run: {html.escape(str(result['mlflow_run_id']))}" if result.get("mlflow_run_id") else "")
+           + "."
            f"</p>{summary_table(summary, systems)}{''.join(blocks)}</body></html>")
     out_path = Path(out_path)
     out_path.write_text(doc, encoding="utf-8")

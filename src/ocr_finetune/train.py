@@ -32,7 +32,7 @@ from .data import (TrainPages, WaitClock, default_workers, model_inputs, step_pl
 from .dataset import JsonlPages
 from .feature_cache import FeatureCache, model_key
 from .loading import RUN_INFO, load_base
-from .lora import attach_lora_from_params, lora_modules, trainable_parameters
+from .lora import attach_lora_from_params, lora_modules, save_adapter, trainable_parameters
 from .models.base import checkpoint_source, write_json
 from .params import Params
 from .runtime import pick_device, pick_dtype, seed_everything
@@ -232,6 +232,9 @@ def setup(params: Params, train_jsonl: str | Path, tracker: Tracker) -> Run:
     total_steps = tp.max_steps or tp.epochs * steps_per_epoch
 
     family, model, processor, base_path = load_base(params, device, dtype)
+    # again: loading may have drawn random numbers (weights a checkpoint lacks, a tiny model built on first
+    # use), and the adapter's initial weights must depend on the seed alone, not on what is on disk
+    seed_everything(tp.seed)
     model = attach_lora_from_params(model, family, params.lora)
     if tp.gradient_checkpointing:
         enable_checkpointing(model, tp.gradient_checkpointing)
@@ -450,7 +453,7 @@ def save(run: Run, stats: LoopStats, metrics_dir: str | Path | None) -> TrainRes
                   "tokens, without an end of text. Raise train.max_label_tokens to train on whole pages.", flush=True)
         run.checkpoints.clear()  # finished: a rerun trains afresh
         out.mkdir(parents=True, exist_ok=True)
-        run.peft_model.save_pretrained(out)
+        save_adapter(run.peft_model, out)
         params = run.params
         write_json(out / RUN_INFO, {
             "family": params.model.family, "base": params.model.base, "base_path": str(run.base_path),

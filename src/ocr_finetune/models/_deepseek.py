@@ -99,8 +99,8 @@ def save_random(model_cls, config, processor, out_dir: Path, marker: dict, devic
     stamp = out_dir / "tiny.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == marker:
         return out_dir
-    torch.manual_seed(seed)
-    with torch.device(device):
+    with torch.random.fork_rng(devices=[]), torch.device(device):  # the caller's random state stays as it was
+        torch.manual_seed(seed)
         model = model_cls(config).to(dtype)
     for key, value in special_ids(processor.tokenizer).items():
         setattr(model.generation_config, key, value)
@@ -129,9 +129,11 @@ def with_preset(processor, preset: dict):
 
 
 def encode_prompt(processor, image, prompt: str) -> dict:
-    """Tokenise BOS + prompt with the image's placeholder tokens expanded; returns processor tensors (batch 1)."""
+    """Tokenise BOS + prompt with the image's placeholder tokens expanded; returns processor tensors (batch 1).
+    The prompt is stripped first, as the official infer() does (format_messages): a space around it is a
+    token of its own otherwise (DeepSeek's README prompt ends with one)."""
     tok = processor.tokenizer
-    return processor(images=[image], text=[tok.bos_token + prompt], add_special_tokens=False, return_tensors="pt",
+    return processor(images=[image], text=[tok.bos_token + prompt.strip()], add_special_tokens=False, return_tensors="pt",
                      **getattr(processor, "resolution_preset", {}))
 
 
@@ -147,7 +149,7 @@ def encode_text(processor, prompt: str, target: str, image_tokens: int, max_labe
     the processor expands `<image>` into `image_tokens` image tokens and tokenises, as here (a test keeps the
     two equal)."""
     tok = processor.tokenizer
-    text = tok.bos_token + prompt.replace(processor.image_token, processor.image_token * image_tokens)
+    text = tok.bos_token + prompt.strip().replace(processor.image_token, processor.image_token * image_tokens)
     prompt_ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     return _with_target(processor, prompt_ids, target, max_label_tokens, pixel={}, image_tokens=image_tokens)
 
@@ -175,14 +177,19 @@ def _as_list(value):
     return value.tolist() if isinstance(value, torch.Tensor) else list(value)
 
 
-def collate_pixels(pixels: list[dict]) -> dict:
+def collate_pixels(pixels: list[dict], pin: bool = False) -> dict:
     """Batch per-page image inputs; pages may have different numbers of tiles (tiles are concatenated and
-    `num_local_patches` says whose they are)."""
+    `num_local_patches` says whose they are). `pin`: straight into page-locked memory, for a copy to the GPU
+    that does not block (one copy of a batch's pixels fewer on the host than concatenating, then pinning)."""
     batch = {}
     for key in TENSOR_VIEWS:
         parts = [p[key] for p in pixels if key in p]
         if parts:
-            batch[key] = torch.cat(parts)
+            out = None
+            if pin:
+                shape = (sum(len(x) for x in parts), *parts[0].shape[1:])
+                out = torch.empty(shape, dtype=parts[0].dtype, pin_memory=True)
+            batch[key] = torch.cat(parts, out=out)
     for key in LIST_VIEWS:
         if any(key in p for p in pixels):
             batch[key] = [x for p in pixels for x in p[key]]
@@ -200,8 +207,9 @@ def prompt_inputs(processor, image, prompt: str) -> dict:
     return {"input_ids": enc["input_ids"][0], **views(enc)}
 
 
-def collate_prompts(pages: list[dict], pad_id: int) -> tuple[dict, int]:
-    """prompt_inputs of several pages as one left-padded batch; returns (inputs, prompt length)."""
+def collate_prompts(pages: list[dict], pad_id: int, pin: bool = False) -> tuple[dict, int]:
+    """prompt_inputs of several pages as one left-padded batch; returns (inputs, prompt length). `pin`: the
+    pixels in page-locked memory (collate_pixels)."""
     width = max(len(p["input_ids"]) for p in pages)
     ids = torch.full((len(pages), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(pages), width), dtype=torch.long)
@@ -209,7 +217,7 @@ def collate_prompts(pages: list[dict], pad_id: int) -> tuple[dict, int]:
         n = len(p["input_ids"])
         ids[i, width - n:] = p["input_ids"]
         mask[i, width - n:] = 1
-    pixels = collate_pixels([{k: v for k, v in p.items() if k != "input_ids"} for p in pages])
+    pixels = collate_pixels([{k: v for k, v in p.items() if k != "input_ids"} for p in pages], pin)
     return {"input_ids": ids, "attention_mask": mask, **pixels}, width
 
 

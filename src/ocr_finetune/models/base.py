@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
+from ..files import write_text_atomic
+
 
 class ModelLoadError(RuntimeError):
     """A base model could not be found, downloaded or loaded; the message says what to do."""
@@ -154,5 +156,6 @@ def _finite(obj):
 
 
 def write_json(path: Path, obj) -> None:
-    """JSON as browsers, vega (dvc plots) and jq read it: a NaN or infinity (a diverged loss) becomes null."""
-    path.write_text(json.dumps(_finite(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
+    """JSON as browsers, vega (dvc plots) and jq read it: a NaN or infinity (a diverged loss) becomes null.
+    Written whole or not at all (metrics, run info, summaries: a killed run leaves the old file)."""
+    write_text_atomic(path, json.dumps(_finite(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n")

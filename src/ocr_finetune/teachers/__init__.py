@@ -51,10 +51,29 @@ def label_pages(teacher: Teacher, pages_dir: str | Path, pdf_dir: str | Path, ou
     return labels
 
 
+def failed_pages_error(labels: list[PageLabel], allow_failed_pages: bool = False) -> str | None:
+    """Why teacher_label must not pass (exit non-zero) with these labels, or None. A stage that passes is
+    recorded in dvc.lock and skipped by the next `dvc repro`, so its failed pages (a server error, a timeout, an
+    unreadable image) would never be asked for again, and build_dataset would leave them out."""
+    failed = sorted((x for x in labels if x.status == "failed"), key=lambda x: (x.doc, x.page))
+    if not failed or allow_failed_pages:
+        return None
+    first = failed[0]
+    return (f"{len(failed)} of {len(labels)} pages failed to be labelled (the first: {first.doc} page {first.page}: "
+            f"{first.reason}). The labels and metrics of the others are written, and the api and local teachers "
+            "keep every answer, so the next `dvc repro` asks for the failed pages only. To build the dataset "
+            "without them, set teacher.allow_failed_pages: true")
+
+
 def read_labels(path: str | Path) -> list[PageLabel]:
     path = Path(path)
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):  # not splitlines: U+2028
+    for n, raw in enumerate(path.read_bytes().split(b"\n"), start=1):  # not splitlines: U+2028
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{n}: not UTF-8 text (byte {e.start + 1} of the line); labels.jsonl is "
+                             "written as UTF-8, so this file was changed or written by something else") from None
         if not line.strip():
             continue
         try:

@@ -4,23 +4,28 @@ Pages go out `concurrent_requests` at a time. A failed request is retried with e
 (honouring `Retry-After`) on 429, 5xx, timeouts, dropped connections and malformed replies; a page that still
 fails is recorded with its error and the run goes on. The retry loop is ours, not the client's
 (`max_retries=0` there): the client does not retry a 200 reply that is not JSON or has no choices, and does
-not say how many attempts a page took, which the run's summary reports.
+not say how many attempts a page took, which the run's summary reports. An image Pillow cannot decode (a
+0-byte or truncated file) fails its page before anything is sent: no server reads it, and each request is paid.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import openai
+from PIL import Image
 
 from ..params import ApiTeacherParams
 from .base import PageInput, PageLabel
@@ -103,15 +108,37 @@ def image_data_url(path: Path) -> str:
     return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
 
 
-def retry_after(error: Exception) -> float | None:
-    response = getattr(error, "response", None)
-    if response is None:
-        return None
-    value = response.headers.get("retry-after")
+def unreadable(image: Path) -> str | None:
+    """Why a page image cannot be decoded, or None: opened and decoded whole, as models.base.load_image does for
+    the local teacher (with its wording), without importing torch with it."""
     try:
-        return float(value) if value is not None else None
-    except ValueError:
+        with Image.open(image) as im:
+            im.load()  # the pixels too: a truncated file opens, and fails only here
+    except Image.DecompressionBombError as e:  # not an OSError; Pillow refuses > 179 Mpixels unread
+        return f"{image}: too large to read safely ({e}); scale it down"
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # 0 bytes, cut off, not an image
+        return f"{image}: not a readable image ({e})"
+    return None
+
+
+def retry_after(error: Exception) -> float | None:
+    """The seconds a reply's Retry-After asks for, in either form RFC 9110 allows: seconds ("120") or an HTTP
+    date ("Wed, 21 Oct 2026 07:28:00 GMT"); None without one or with one that is neither."""
+    response = getattr(error, "response", None)
+    value = response.headers.get("retry-after") if response is not None else None
+    if value is None:
         return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # "-0000" parses as naive; HTTP dates are GMT
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = (when - datetime.now(timezone.utc)).total_seconds()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 class ApiTeacher:
@@ -205,6 +232,11 @@ class ApiTeacher:
 
     def answer(self, key: str, image: Path) -> dict | str:
         """The cached or new answer for one image, or why there is none (the run goes on)."""
+        problem = unreadable(image)  # checked before the cache too: an answer to a broken file is no label
+        if problem is not None:
+            self.usage.add(failed=1)
+            self.usage.error("UnreadableImage")
+            return problem
         entry = self.cache.get(key)
         if entry is not None and isinstance(entry.get("text"), str):
             self.usage.add(cached=1)
