@@ -25,9 +25,10 @@ demo: install
 	dvc metrics show
 	@echo "report: metrics/eval.json, metrics/eval_per_doc.json, metrics/train_loss.csv; 'dvc plots show' draws them"
 
-# Debian chromium: the tests check the HTML report and the offline plots in a real headless browser.
+# Debian chromium: the tests check the HTML report and the offline plots in a real headless browser; a Korean
+# font (Nanum) so that the report's Korean pages render as text, not as empty boxes.
 browser:
-	command -v chromium >/dev/null || { $$(command -v sudo) apt-get update -q && DEBIAN_FRONTEND=noninteractive $$(command -v sudo) apt-get install -y -q chromium; }
+	{ command -v chromium >/dev/null && fc-list 2>/dev/null | grep -qi nanum; } || { $$(command -v sudo) apt-get update -q && DEBIAN_FRONTEND=noninteractive $$(command -v sudo) apt-get install -y -q chromium fonts-nanum; }
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -66,7 +66,7 @@ class DataParams(_Section):
 
 
 class Pdf2ImgParams(_Section):
-    dpi: int = Field(100, ge=36, le=600)
+    dpi: int = Field(200, ge=36, le=600)  # the seed README's default (params.yaml: 100 for the demo)
     format: Literal["png", "jpg"] = "png"
     start_page: int = Field(1, ge=1)
     end_page: int | None = Field(None, ge=1)
