@@ -1,5 +1,6 @@
 """Stage train: LoRA fine-tune the base model on train.jsonl; adapter to train.output_dir, run to MLflow."""
 
+import os
 from pathlib import Path
 
 from common import params
@@ -10,7 +11,10 @@ from ocr_finetune.train import final_loss, train
 
 p = params()
 relaunch(p.train.num_gpus, [__file__])  # train.num_gpus > 1: torchrun runs this script once per GPU
-with start_run(p.tracking, run_name=f"lora-{p.lora.mode}", params=p) as tracker:
+# `dvc exp run` names the experiment (DVC_EXP_NAME): the MLflow run carries that name, so the two are one run
+experiment = os.environ.get("DVC_EXP_NAME")
+with start_run(p.tracking, run_name=experiment or f"lora-{p.lora.mode}", params=p) as tracker:
+    tracker.set_tags({"dvc_experiment": experiment})
     result = train(p, Path(p.data.dataset_dir) / "train.jsonl", tracker=tracker, metrics_dir="metrics")
 if process_rank() == 0:
     print(f"train: {result.steps} steps, {result.trainable_params:,} trainable params, final loss "

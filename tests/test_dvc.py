@@ -100,6 +100,14 @@ def test_experiments_per_lora_mode(repo):
                 counts[mode] = trainable
     # the workspace's own row (mode llm) and the experiment's: each with its own count of LoRA weights (r 64)
     assert counts.get("llm") == 120_832 and counts.get("both") == 268_288, counts
+    # the experiment's MLflow run carries its DVC name
+    import mlflow
+
+    names = {e.get("name") for c in table for ex in c.get("experiments") or [] for e in ex.get("revs", [])} - {None}
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ocr-finetune").experiment_id])
+    assert any(r.info.run_name in names and r.data.tags.get("dvc_experiment") == r.info.run_name for r in runs), (
+        names, [r.info.run_name for r in runs])
 
 
 def test_teacher_label_with_an_api_teacher(repo):

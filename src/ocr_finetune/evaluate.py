@@ -83,7 +83,8 @@ def evaluate(params: Params, eval_jsonl: str | Path, adapter_dir: str | Path | N
                 f.write(json.dumps(p, ensure_ascii=False) + "\n")
         write_report(result, metrics_dir / "report.html")
     if tracker is not None:
-        tracker.log_metrics({f"eval_{k}": v for k, v in flatten(summary).items() if isinstance(v, (int, float))})
+        # the names metrics/eval.json has in `dvc exp show` (`base.cer`, `seen.finetuned.cer`, `cer_change`)
+        tracker.log_metrics({k: v for k, v in flatten(summary).items() if isinstance(v, (int, float))})
         if metrics_dir is not None:
             tracker.log_artifact(Path(metrics_dir) / "report.html")
     return result
