@@ -27,6 +27,8 @@ import pytest
 import torch
 from PIL import Image
 
+from test_official_parity import official_banned
+
 from ocr_finetune.decoding import WindowedNoRepeatNGram, decode_generated, exempt_ids
 from ocr_finetune.models import _deepseek, get_family
 from ocr_finetune.params import DEFAULT_PROMPT
@@ -115,18 +117,6 @@ def official_output(backend, generated: list[int]) -> str:
     if outputs.endswith(END_MARKER):
         outputs = outputs[:-len(END_MARKER)]
     return outputs.strip()
-
-
-def official_banned(generated: list[int], ngram_size: int, window: int, whitelist) -> set:
-    if len(generated) < ngram_size:
-        return set()
-    prefix = tuple(generated[-(ngram_size - 1):])
-    banned = set()
-    for i in range(max(0, len(generated) - window), len(generated) - ngram_size + 1):
-        gram = tuple(generated[i:i + ngram_size])
-        if gram[:-1] == prefix:
-            banned.add(gram[-1])
-    return banned - set(whitelist)
 
 
 def official_image_tokens(family_name: str, preset: str, tiles=None) -> int:

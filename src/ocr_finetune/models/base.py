@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps
 
 from ..files import write_text_atomic
+from ..images import load_image  # noqa: F401 - also importable from here, where it used to be
 
 
 class ModelLoadError(RuntimeError):
@@ -121,28 +121,6 @@ def checkpoint_source(path: str | Path) -> dict:
         repo_id = folder.parent.parent.name[len("models--"):].replace("--", "/", 1)
         return {"repo_id": repo_id, "revision": folder.name, "path": str(path)}
     return {"path": str(path)}
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """A page image as RGB, upright as its EXIF orientation says (phone photos), transparent parts white (a
-    PNG page with a transparent background converted as is reads as black)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"page image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-                rgba = im.convert("RGBA")
-                page = Image.new("RGB", rgba.size, "white")
-                page.paste(rgba, mask=rgba.getchannel("A"))
-                return page
-            return im.convert("RGB")
-    except Image.DecompressionBombError as e:  # not an OSError; Pillow refuses > 179 Mpixels unread
-        raise ValueError(f"{path}: too large to read safely ({e}); scale it down (the model sees at most "
-                         "1024 px a side)") from None
-    except OSError as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from None
 
 
 def _finite(obj):

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import openai
-from PIL import Image
 
+from ..images import load_image
 from ..params import ApiTeacherParams
 from .base import PageInput, PageLabel
 from .cache import LabelCache, cache_key
@@ -109,15 +109,11 @@ def image_data_url(path: Path) -> str:
 
 
 def unreadable(image: Path) -> str | None:
-    """Why a page image cannot be decoded, or None: opened and decoded whole, as models.base.load_image does for
-    the local teacher (with its wording), without importing torch with it."""
+    """Why a page image cannot be decoded, or None: read as the local teacher reads it (images.load_image)."""
     try:
-        with Image.open(image) as im:
-            im.load()  # the pixels too: a truncated file opens, and fails only here
-    except Image.DecompressionBombError as e:  # not an OSError; Pillow refuses > 179 Mpixels unread
-        return f"{image}: too large to read safely ({e}); scale it down"
-    except (OSError, ValueError, SyntaxError, EOFError) as e:  # 0 bytes, cut off, not an image
-        return f"{image}: not a readable image ({e})"
+        load_image(image)
+    except (FileNotFoundError, ValueError) as e:
+        return str(e)
     return None
 
 
