@@ -10,7 +10,7 @@ from ocr_finetune.tracking import start_run
 from ocr_finetune.train import final_loss, train
 
 p = params()
-relaunch(p.train.num_gpus, [__file__])  # train.num_gpus > 1: torchrun runs this script once per GPU
+relaunch(p.train, [__file__])  # num_gpus x nodes > 1: torchrun runs this script once per GPU
 # `dvc exp run` names the experiment (DVC_EXP_NAME): the MLflow run carries that name, so the two are one run
 experiment = os.environ.get("DVC_EXP_NAME")
 with start_run(p.tracking, run_name=experiment or f"lora-{p.lora.mode}", params=p) as tracker:

@@ -9,7 +9,10 @@ parts (content as a list of parts) | refusal (content null, refusal set) | think
 fence (a preamble line, then the answer in a ```markdown fence) | filter (finish_reason=content_filter) |
 quota (429 insufficient_quota) | 400long (a 400 whose long message ends with the key) | trickle (the
 answer 16 bytes at a time, 0.3 s apart: every read is quick, the whole takes ~7 s).
-After the script, requests are answered `ok`. `bodies` keeps every request's JSON body.
+After the script, requests are answered `ok`. `bodies` keeps every request's JSON body; `answered` counts the
+complete answers (200 with a completion) per image. `stop_after=K`: the server dies after its K-th answer,
+as a killed process does: it stops listening (new connections are refused) and drops the requests already on
+their way without a reply.
 """
 
 from __future__ import annotations
@@ -33,10 +36,13 @@ ANSWER = "<|ref|>title<|/ref|><|det|>[[10, 10, 200, 40]]<|/det|>\n# Page {n}\n\n
 
 
 class ScriptedOpenAI:
-    def __init__(self, scripts: dict[str, list[str]] | None = None, delay: float = 0.0, slow_seconds: float = 3.0):
+    def __init__(self, scripts: dict[str, list[str]] | None = None, delay: float = 0.0, slow_seconds: float = 3.0,
+                 stop_after: int | None = None):
         self.scripts = scripts or {}
-        self.delay, self.slow_seconds = delay, slow_seconds
+        self.delay, self.slow_seconds, self.stop_after = delay, slow_seconds, stop_after
         self.requests: Counter = Counter()  # image id -> requests received
+        self.answered: Counter = Counter()  # image id -> complete answers sent
+        self.dead = False
         self.times: dict[str, list[float]] = defaultdict(list)
         self.auth: set[str] = set()
         self.bodies: list[dict] = []
@@ -58,6 +64,17 @@ class ScriptedOpenAI:
         self.server.shutdown()
         self.server.server_close()
 
+    def _answering(self, key: str) -> bool:
+        """Whether this answer goes out (the server is not dead); the K-th of stop_after kills it after."""
+        with self.lock:
+            if self.dead:
+                return False
+            self.answered[key] += 1
+            if self.stop_after is not None and sum(self.answered.values()) >= self.stop_after:
+                self.dead = True
+                threading.Thread(target=self.__exit__, daemon=True).start()  # shutdown() waits for the loop
+            return True
+
     def _handler(self):
         owner = self
 
@@ -76,8 +93,14 @@ class ScriptedOpenAI:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def drop(self):
+                self.close_connection = True
+                self.connection.shutdown(2)
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if owner.dead:  # a kept-alive connection to a server that died
+                    return self.drop()
                 if self.path != "/v1/chat/completions":
                     return self.reply(404, b'{"error": {"message": "not found"}}')
                 user = body["messages"][-1]["content"]
@@ -102,9 +125,7 @@ class ScriptedOpenAI:
                     return self.reply(429, b'{"error": {"message": "rate limited"}}',
                                       {"Retry-After": formatdate(time.time() + ahead, usegmt=True)})
                 if action == "drop":
-                    self.close_connection = True
-                    self.connection.shutdown(2)
-                    return
+                    return self.drop()
                 if action == "401":
                     error = {"error": {"message": f"Incorrect API key: {self.headers.get('Authorization')}",
                                        "type": "invalid_request_error", "code": "invalid_api_key"}}
@@ -144,6 +165,8 @@ class ScriptedOpenAI:
                               "usage": {"prompt_tokens": 100, "completion_tokens": 20,
                                         "total_tokens": 120}}
                 data = json.dumps(completion).encode()
+                if action != "nochoices" and not owner._answering(key):
+                    return self.drop()
                 if action == "trickle":  # the whole reply, 16 bytes every 0.3 s: no read waits a second
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")

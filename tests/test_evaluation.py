@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageDraw, ImageStat
+from PIL import Image, ImageChops, ImageDraw, ImageStat
 
 from conftest import ROOT
 
@@ -73,10 +73,10 @@ def fake_result(tmp_path):
     return {"summary": summary, "pages": pages}, images
 
 
-def screenshot(html_file, png, height=1400):
+def screenshot(html_file, png, height=1400, env=None):
     r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={png}",
                         f"--window-size=1280,{height}", "--virtual-time-budget=5000", f"file://{html_file}"],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0 and png.is_file(), r.stderr[-2000:]
     with Image.open(png) as im:
         return im.convert("L")
@@ -244,3 +244,31 @@ def test_metrics_json_has_no_nan(tmp_path):
     write_json(tmp_path / "t.json", {"final_loss": float("nan"), "steps": [1.0, float("inf")]})
     assert json.loads((tmp_path / "t.json").read_text(), parse_constant=lambda c: 1 / 0) == {
         "final_loss": None, "steps": [1.0, None]}
+
+
+@pytest.mark.skipif(CHROMIUM is None or shutil.which("fc-list") is None,
+                    reason="needs Debian chromium (`make browser`); CI installs it")
+def test_korean_pages_render_as_glyphs_not_boxes(tmp_path):
+    """A report of Korean pages screenshotted twice: as the machine's fonts draw it, and with every font that
+    covers Korean hidden from the browser (fontconfig rejects them), where Chromium draws each syllable as a
+    box of its code point. The two differ only if the report's Korean was drawn in a Korean font: with none
+    installed (no `make browser`) the rejected list is empty and the shots are the same picture."""
+    ko = "회의록 안건 예산 승인 일정 담당자 결정 사항"
+    result, _ = fake_result(tmp_path)
+    for page in result["pages"]:
+        page["reference"] = ko
+        for system in ("base", "finetuned"):
+            page[system] = {"output": ko, **page_scores(ko, ko)}
+    report = write_report(result, tmp_path / "report.html")
+    korean = subprocess.run(["fc-list", ":lang=ko", "file"], capture_output=True, text=True).stdout.split()
+    rejected = "".join(f"<glob>{f.rstrip(':')}</glob>" for f in korean)
+    conf = tmp_path / "fonts.conf"
+    conf.write_text('<?xml version="1.0"?><!DOCTYPE fontconfig SYSTEM "fonts.dtd"><fontconfig>'
+                    f'<include ignore_missing="yes">{os.environ.get("FONTCONFIG_FILE", "/etc/fonts/fonts.conf")}'
+                    '</include>'
+                    f'<selectfont><rejectfont>{rejected}</rejectfont></selectfont>'
+                    f'<cachedir>{tmp_path / "fc-cache"}</cachedir></fontconfig>')
+    drawn = screenshot(report, tmp_path / "fonts.png")
+    boxes = screenshot(report, tmp_path / "boxes.png", env={**os.environ, "FONTCONFIG_FILE": str(conf)})
+    assert ImageChops.difference(drawn, boxes).getbbox() is not None, (
+        "the report's Korean is drawn as boxes: no Korean font (make browser installs fonts-nanum)")

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from safetensors.torch import load_file
 
 from conftest import ROOT
 
@@ -35,9 +36,9 @@ def write_pages(folder, n, size=(620, 877), label_words=6):
     return folder / "train.jsonl"
 
 
-def llm_params(tmp_path, models_cache, name, **train):
+def llm_params(tmp_path, models_cache, name, resolution="nocrop", **train):
     return validate_params({
-        "model": {"cache_dir": str(models_cache), "resolution": "nocrop"},
+        "model": {"cache_dir": str(models_cache), "resolution": resolution},
         "lora": {"mode": "llm", "r": train.pop("r", 8)},
         "train": {"device": "cpu", "batch_size": 2, "epochs": 1, "max_label_tokens": 32, "learning_rate": 1e-3,
                   "save_every": 0, "output_dir": str(tmp_path / name / "adapter"),
@@ -87,6 +88,44 @@ def test_feature_cache_keeps_to_its_size(tmp_path, models_cache):
     assert second.features_read > 0 and second.features_computed > 0  # trimmed at the start, refilled
     total = sum(p.stat().st_size for p in (tmp_path / "features").glob("*/*.safetensors"))
     assert 0 < total <= 3.5 * one
+
+
+def test_a_page_s_cached_features_do_not_depend_on_the_batch_it_was_first_met_in(tmp_path, models_cache,
+                                                                                    monkeypatch):
+    """The cache keeps a page's features for every later run, so they must be the page's alone: computed with
+    the page by itself, not with whichever pages shared its first batch. On a GPU the kernels (and so the last
+    bits) depend on the batch size; here the vision towers are made to do the same. Pages with and without
+    tiles (gundam) in one batch."""
+    from transformers import DeepseekOcr2Model
+
+    from ocr_finetune.train import train
+
+    tower = DeepseekOcr2Model.get_image_features
+
+    def batch_dependent(self, pixel_values, *args, **kwargs):
+        out = tower(self, pixel_values, *args, **kwargs)
+        out["pooler_output"] = [f * (1 + 2**-20 * (len(pixel_values) - 1)) for f in out["pooler_output"]]
+        return out
+
+    monkeypatch.setattr(DeepseekOcr2Model, "get_image_features", batch_dependent)
+    data = write_pages(tmp_path / "ds", 5)
+    for i in (1, 3):  # small pages: no tiles
+        page = tmp_path / "ds" / "pages" / f"doc{i:04d}_p1.png"
+        Image.open(page).resize((200, 280)).save(page)
+
+    entries = {}
+    for batch_size in (1, 5):
+        folder = tmp_path / f"features_b{batch_size}"
+        result = train(llm_params(tmp_path, models_cache, f"b{batch_size}", resolution="gundam",
+                                  batch_size=batch_size, feature_cache_dir=str(folder)), data, progress=False)
+        assert result.features_computed == 5
+        entries[batch_size] = {p.name: load_file(p) for p in folder.glob("*/*.safetensors")}
+    assert len(entries[1]) == 5 and entries[1].keys() == entries[5].keys()
+    assert len({e["features"].shape for e in entries[1].values()}) == 2  # pages with tiles and without
+    for name, alone in entries[1].items():
+        together = entries[5][name]
+        assert torch.equal(alone["features"], together["features"]), name
+        assert torch.equal(alone["image_tokens"], together["image_tokens"])
 
 
 def test_a_feature_entry_is_found_by_text_alone(tiny_dir, tiny_v1_dir):

@@ -24,7 +24,10 @@ from .params import Params
 
 STATE = "state.pt"
 # Settings that do not change what is computed, only where it runs or what is written.
-NOT_FINGERPRINTED = {"output_dir", "log_every", "save_every", "checkpoint_dir", "resume", "num_gpus", "device",
+NOT_FINGERPRINTED = {"output_dir", "log_every", "save_every", "checkpoint_dir", "resume", "device",
+                     # where it runs: the same global batch on one GPU, several, or several machines (each
+                     # machine's node_rank would otherwise send it to a checkpoint folder of its own)
+                     "num_gpus", "nodes",
                      # how fast and in how much memory, not what is computed: a run that ran out of memory
                      # resumes with more checkpointing or smaller vision passes
                      "gradient_checkpointing", "compile", "loss_chunk", "cache_vision_features",

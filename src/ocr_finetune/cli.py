@@ -28,6 +28,8 @@ def _params(args):
 
         params, args.teacher_output = load_teacher_config(args.config, params)
     overrides = list(getattr(args, "set", None) or [])
+    if getattr(args, "engine", None):
+        overrides.insert(0, f"runtime.engine={args.engine}")
     if getattr(args, "mode", None) and args.command != "inspect":
         overrides.insert(0, f"lora.mode={args.mode}")
     if seed and args.command == "train":
@@ -111,8 +113,10 @@ def cmd_infer(args):
         from .teachers.base import PageInput
 
         dpi = args.dpi if args.dpi is not None else params.pdf2img.dpi
+        from .engines import page_mapper
+
         manifest = render_pages(args.pdf, out / "pages", dpi=dpi, workers=params.pdf2img.workers,
-                                max_pixels=params.pdf2img.max_pixels)  # skipped PDFs and pages reported there
+                                max_pixels=params.pdf2img.max_pixels, map_pages=page_mapper(params))  # skipped PDFs and pages reported there
         pages = [PageInput(p.doc, p.page, out / "pages" / p.image, source_pdf(args.pdf, p)) for p in manifest.pages]
         failed = [PageLabel(s["doc"], s["page"], "", "failed", reason=f"not rendered: {s['reason']}")
                   for s in manifest.skipped if "page" in s]
@@ -156,7 +160,7 @@ def cmd_train(args):
     from .train import final_loss, train
 
     params = _params(args)
-    distributed.relaunch(params.train.num_gpus, ["-m", "ocr_finetune.cli", *args.argv])
+    distributed.relaunch(params.train, ["-m", "ocr_finetune.cli", *args.argv])
     if args.output:
         params.train.output_dir = args.output
     if args.resume:
@@ -277,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "teacher.local.max_new_tokens / teacher.api.max_tokens)")
     p.add_argument("--batch-size", type=_positive_int,
                    help="pages decoded together by the local model (GPU throughput grows up to 64-128)")
+    p.add_argument("--engine", choices=["local", "ray"],
+                   help="where pages are transcribed: this process (local) or a Ray cluster (ray; joins "
+                        "$RAY_ADDRESS or runtime.ray_address, else starts one here). Default: runtime.engine")
     p.set_defaults(func=cmd_infer)
 
     p = with_params(sub.add_parser("train", help="LoRA fine-tune on a JSONL dataset"))
@@ -304,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seen", metavar="JSONL",
                    help="the adapter's training set: up to evaluate.seen_pages of its pages are scored apart, "
                         "to show what it learned beside the held-out scores")
+    p.add_argument("--engine", choices=["local", "ray"],
+                   help="where pages are transcribed: this process (local) or a Ray cluster (ray; joins "
+                        "$RAY_ADDRESS or runtime.ray_address, else starts one here). Default: runtime.engine")
     p.set_defaults(func=cmd_evaluate)
 
     p = with_params(sub.add_parser("inspect", help="LoRA targets and trainable parameters per mode"))

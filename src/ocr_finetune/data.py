@@ -304,27 +304,36 @@ class GenerationBatch:
     failures: list[tuple[int, str]]  # pages met since the last batch that could not be read, with the reason
 
 
+def batch_plan(n_pages: int, batch_size: int) -> list[list[int]]:
+    """The generation batches of n pages: consecutive runs of `batch_size` in order. Fixed before any page is
+    read, so every engine (this process, Ray) decodes the same pages together, and a page that cannot be
+    read leaves its batch one smaller rather than moving the pages after it into other batches: batch
+    composition changes float rounding, hence greedy outputs, and the engines' outputs must be identical."""
+    return [list(range(s, min(s + batch_size, n_pages))) for s in range(0, n_pages, batch_size)]
+
+
+def prepare_batch(dataset: "PromptPages", indices: list[int], pages: list, pin_memory: bool) -> GenerationBatch:
+    """One planned batch from its pages as the workers prepared them (dicts, or PageFailure)."""
+    ready = [(i, p) for i, p in zip(indices, pages) if not isinstance(p, PageFailure)]
+    failures = [(i, p.reason) for i, p in zip(indices, pages) if isinstance(p, PageFailure)]
+    pad_id = dataset.processor.tokenizer.pad_token_id
+    inputs, width = (dataset.family.collate_prompts([p for _, p in ready], pad_id, pin_memory)
+                     if ready else (None, 0))
+    return GenerationBatch([i for i, _ in ready], pin(inputs, pin_memory), width, failures)
+
+
 def generation_batches(dataset: PromptPages, batch_size: int, workers: int,
                        pin_memory: bool) -> Iterator[GenerationBatch]:
-    """Batches of `batch_size` readable pages, in order, prepared in `workers` processes and padded in a thread
-    while the GPU decodes the batch before."""
+    """The batches of `batch_plan`, in order, their pages prepared in `workers` processes and padded in a
+    thread while the GPU decodes the batch before."""
     pages = page_loader(dataset, range(len(dataset)), workers)
-    pad_id = dataset.processor.tokenizer.pad_token_id
 
     def batches():
-        chunk: list[tuple[int, dict]] = []
-        failures: list[tuple[int, str]] = []
-        for i, page in enumerate(pages):
-            if isinstance(page, PageFailure):
-                failures.append((i, page.reason))
-            else:
-                chunk.append((i, page))
-            if len(chunk) == batch_size or (i == len(dataset) - 1 and (chunk or failures)):
-                inputs, width = (dataset.family.collate_prompts([p for _, p in chunk], pad_id, pin_memory)
-                                 if chunk else (None, 0))
-                ready = GenerationBatch([i for i, _ in chunk], pin(inputs, pin_memory), width, failures)
-                chunk, failures, page = [], [], None  # the pages' own tensors: not held while the queue is full
-                yield ready
+        for indices in batch_plan(len(dataset), batch_size):
+            chunk = [next(pages) for _ in indices]
+            ready = prepare_batch(dataset, indices, chunk, pin_memory)
+            chunk = None  # the pages' own tensors: not held while the queue is full
+            yield ready
     # one batch ready beside the one decoding: preparing a batch takes a fraction of decoding it, and each
     # batch in flight is batch_size pages of pixels (27 MiB a gundam page in bf16) in pinned host memory
     return background(batches(), depth=1)

@@ -2,12 +2,14 @@
 
 `torchrun` and `accelerate launch` start the processes and set RANK, LOCAL_RANK and WORLD_SIZE; `setup` reads
 them, so `train` runs unchanged under either. `relaunch` lets `dvc repro` and `ocr-finetune train` start
-torchrun themselves when `train.num_gpus` > 1, so a user never types the launcher.
+torchrun themselves when `train.num_gpus` > 1, so a user never types the launcher. On several machines
+(`train.nodes`) each runs the same command and torchrun's rendezvous joins them (`torchrun_command`,
+docs/multi_node.md).
 
 Batch semantics (the same whatever the GPU count, so a run on 2 GPUs reproduces the 1-GPU run):
 `train.batch_size` pages per forward pass in total, split evenly over the processes; `train.grad_accum` such
 passes per optimizer step. The learning rate belongs to that global batch and needs no scaling when
-`num_gpus` changes.
+`num_gpus` or the node count changes.
 """
 
 from __future__ import annotations
@@ -117,16 +119,42 @@ def check_replicas_identical(model, d: Dist) -> bool:
     return True
 
 
-def relaunch(num_gpus: int, target: list[str]) -> None:
-    """When num_gpus > 1 and no launcher started us, run `torchrun` on `target` and exit with its status.
+def torchrun_command(train, target: list[str]) -> list[str]:
+    """The torchrun command line that starts this machine's `train.num_gpus` processes on `target`.
 
-    `target` is what torchrun runs: a script path and its arguments, or ["-m", module, args...].
+    One node: `--standalone` (a private rendezvous on a free local port). Several (`train.nodes.nnodes`):
+    every machine runs the same command but for `--node-rank`, and meets the others at `rdzv_endpoint`.
+    `train` is the TrainParams section; `target` is a script path and its arguments, or ["-m", module, ...].
     """
-    if num_gpus <= 1 or under_launcher():
+    nodes = train.nodes
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={train.num_gpus}"]
+    if nodes.nnodes == 1:
+        cmd.append("--standalone")
+    else:
+        cmd += [f"--nnodes={nodes.nnodes}", f"--rdzv-backend={nodes.rdzv_backend}",
+                f"--rdzv-endpoint={nodes.rdzv_endpoint}"]
+        # static: the machine says which node it is; c10d: ranks go by joining order, under one job id
+        static = nodes.rdzv_backend == "static"
+        cmd.append(f"--node-rank={nodes.node_rank}" if static else f"--rdzv-id={nodes.rdzv_id}")
+    return [*cmd, *target]
+
+
+def relaunch(train, target: list[str]) -> None:
+    """When training needs several processes (`train.num_gpus` > 1 or `train.nodes.nnodes` > 1) and no launcher
+    started us, run `torchrun_command(train, target)` and exit with its status.
+
+    `train` is the TrainParams section (a bare process count, the old signature, means one node).
+    """
+    if isinstance(train, int):
+        from .params import TrainParams
+
+        train = TrainParams(num_gpus=train, batch_size=train)
+    num_gpus = train.num_gpus
+    if num_gpus * train.nodes.nnodes <= 1 or under_launcher():
         return
     if torch.cuda.is_available() and num_gpus > torch.cuda.device_count():
         sys.exit(f"error: train.num_gpus={num_gpus} but {torch.cuda.device_count()} CUDA GPU(s) are visible")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_gpus}", *target]
+    cmd = torchrun_command(train, target)
     # torchrun would pin every process to one CPU thread; batching pages on the CPU needs more.
     env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // num_gpus)), **os.environ}
     print("launching:", " ".join(cmd), flush=True)

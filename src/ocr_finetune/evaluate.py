@@ -9,7 +9,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from .dataset import read_jsonl
-from .infer import LocalModel, transcribe_paths
+from .engines import transcriber
+from .infer import transcribe_paths
 from .metrics import page_scores, summarize_system
 from .models.base import write_json
 from .params import Params
@@ -42,7 +43,7 @@ def evaluate(params: Params, eval_jsonl: str | Path, adapter_dir: str | Path | N
     every = examples + seen
     outputs: dict[str, list[str]] = {}
     for name, adapter in systems.items():
-        model = LocalModel(params, adapter_dir=adapter, device=params.train.device)
+        model = transcriber(params, adapter_dir=adapter, device=params.train.device)  # runtime.engine
         by_path = dict(transcribe_paths(model, [e.image for e in every], prompt, ep.max_new_tokens,
                                         ep.batch_size, ep.no_repeat_ngram_size, progress=progress,
                                         no_repeat_window=ep.no_repeat_window))

@@ -10,8 +10,10 @@ readers never see half a file and several processes may share the folder), named
     the page image's bytes + the model (family, checkpoint, its config and weight files) + the resolution
     preset + the dtype + the SAM attention kernel,
 
-so a changed page, model, resolution or dtype can only miss, never read a stale entry. The folder is bounded
-(`train.feature_cache_gib`): past it, the entries read least recently go first.
+so a changed page, model, resolution or dtype can only miss, never read a stale entry. An entry is the page's
+own: the training loop computes it with the page alone (`train.fill_image_features`), never with the pages
+that shared its first batch, so what a run reads does not depend on the batch sizes of the runs before it.
+The folder is bounded (`train.feature_cache_gib`): past it, the entries read least recently go first.
 """
 
 from __future__ import annotations

@@ -95,10 +95,11 @@ class LocalModel:
 
     def stream(self, images: list, prompt: str, max_new_tokens: int, batch_size: int = 1,
                no_repeat_ngram_size: int = 0, progress: bool = True, no_repeat_window: int = 90,
-               desc: str = "transcribe") -> Iterator[tuple[int, str | None, str]]:
-        """Transcribe page image files in batches, reading and preprocessing them in worker processes while the
-        GPU decodes the batch before. Yields (index into images, text, finish reason) as batches finish, and
-        (index, None, reason) for a page that could not be read: it fails alone."""
+               desc: str = "transcribe", answers=None) -> Iterator[tuple[int, str | None, str]]:
+        """Transcribe page image files in the batches of data.batch_plan, reading and preprocessing them in
+        worker processes while the GPU decodes the batch before. Yields (index into images, text, finish
+        reason) as batches finish, and (index, None, reason) for a page that could not be read: it fails alone.
+        `answers` (teachers.cache.Answers): each answer is stored there before it is yielded."""
         dataset = PromptPages(list(images), self.family, self.processor, prompt, self.dtype)
         batches = generation_batches(dataset, batch_size, default_workers(self.workers),
                                      self.device.startswith("cuda"))
@@ -109,10 +110,13 @@ class LocalModel:
                 bar.update(1)
                 yield i, None, reason
             if batch.inputs is not None:
-                answers = self.generate_batch(batch.inputs, batch.width, max_new_tokens, no_repeat_ngram_size,
+                results = self.generate_batch(batch.inputs, batch.width, max_new_tokens, no_repeat_ngram_size,
                                               no_repeat_window)
-                bar.update(len(answers))
-                yield from ((i, text, finish) for i, (text, finish) in zip(batch.indices, answers))
+                if answers is not None:
+                    for i, (text, finish) in zip(batch.indices, results):
+                        answers.put(answers.keys[i], text, finish)
+                bar.update(len(results))
+                yield from ((i, text, finish) for i, (text, finish) in zip(batch.indices, results))
             self.data_wait_fraction, self.first_wait_s = clock.fraction, clock.first_wait
             bar.set_postfix(data_wait=f"{clock.fraction:.0%}")
         bar.close()

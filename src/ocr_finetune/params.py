@@ -86,7 +86,9 @@ class Pdf2ImgParams(_Section):
 class ApiTeacherParams(_Section):
     """An OpenAI-compatible chat-completions server (vLLM, OpenAI, ...)."""
 
-    base_url: str = "http://localhost:8000/v1"
+    # one server, or several as a list of URLs or {url, concurrent_requests, api_key_env} mappings (an
+    # endpoint's own concurrency and key variable; by default this section's): pages go to whichever is free
+    base_url: str | list = "http://localhost:8000/v1"
     model_name: str = "deepseek-ai/DeepSeek-OCR"
     api_key_env: str = "OPENAI_API_KEY"  # the NAME of the environment variable holding the key
     concurrent_requests: int = Field(8, ge=1, le=256)
@@ -99,11 +101,57 @@ class ApiTeacherParams(_Section):
     # the request field that carries max_tokens: newer OpenAI models accept only max_completion_tokens
     max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
     temperature: float | None = Field(0.0, ge=0.0, le=2.0)  # null: not sent (models that refuse the setting)
+    # Several endpoints: one that fails this many times without an answer between (each refused or dropped
+    # connection, and each page it answers with a 5xx, a timeout or a malformed reply) gets no pages for
+    # endpoint_cooldown seconds, and its pages go to the others; the last one up is never taken out.
+    endpoint_failures: int = Field(3, ge=1, le=1000)
+    endpoint_cooldown: float = Field(60.0, gt=0)
 
-    @field_validator("base_url")
+    @field_validator("base_url", mode="before")
     @classmethod
     def _base_url_without_secrets(cls, v):
-        return _no_secret_in_url(v, "the environment variable that api_key_env names")
+        if isinstance(v, str):
+            return _no_secret_in_url(v, "the environment variable that api_key_env names")
+        if not isinstance(v, list) or not v:
+            raise ValueError("give a URL, or a non-empty list of URLs or {url, concurrent_requests} mappings")
+        seen = {}
+        for n, item in enumerate(v, 1):
+            url = cls._endpoint(item, f"item {n} of the list").rstrip("/")
+            if url in seen:
+                raise ValueError(f"item {n} of the list repeats item {seen[url]}'s URL {url}")
+            seen[url] = n
+        return v
+
+    @classmethod
+    def _endpoint(cls, item, where: str) -> str:
+        """A list item's URL, once the item is checked."""
+        if isinstance(item, dict):
+            unknown = set(item) - {"url", "concurrent_requests", "api_key_env"}
+            if unknown:
+                raise ValueError(f"{where}: unknown key `{sorted(map(str, unknown))[0]}` (known keys: url, "
+                                 "concurrent_requests, api_key_env)")
+            workers = item.get("concurrent_requests")
+            if workers is not None and (type(workers) is not int or not 1 <= workers <= 256):
+                raise ValueError(f"{where}: concurrent_requests must be a whole number from 1 to 256")
+            if item.get("api_key_env") is not None:
+                try:
+                    cls._a_name_not_a_key(item["api_key_env"] if isinstance(item["api_key_env"], str) else "")
+                except ValueError as e:
+                    raise ValueError(f"{where}: api_key_env: {e}") from None
+            item = item.get("url")
+        if not isinstance(item, str) or not item.strip():
+            raise ValueError(f"{where}: give a URL, or a mapping with one as `url`")
+        try:
+            return _no_secret_in_url(item, "the environment variable that api_key_env names")
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+    def endpoints(self) -> list[dict]:
+        """base_url as a list of {url, concurrent_requests, api_key_env}, the section's values filled in."""
+        items = [self.base_url] if isinstance(self.base_url, str) else self.base_url
+        return [{"concurrent_requests": self.concurrent_requests, "api_key_env": self.api_key_env,
+                 **({"url": item} if isinstance(item, str) else
+                    {k: v for k, v in item.items() if v is not None})} for item in items]
 
     @field_validator("api_key_env")
     @classmethod
@@ -219,13 +267,38 @@ class LoraParams(_Section):
         return self
 
 
+class NodesParams(_Section):
+    """train.nodes: several machines, each running train.num_gpus processes; torchrun's flags of the same names
+    (docs/multi_node.md). Ignored when nnodes is 1."""
+    nnodes: int = Field(1, ge=1, le=1024)
+    node_rank: int = Field(0, ge=0)  # static: this machine's index (0 hosts the rendezvous and writes the adapter)
+    # static: each machine names its node_rank; c10d: ranks by joining order (rank 0 on any machine)
+    rdzv_backend: Literal["static", "c10d"] = "static"
+    rdzv_endpoint: str = ""  # host:port every machine reaches; static: node_rank 0's address
+    rdzv_id: str = Field("ocr-finetune", min_length=1)  # c10d: the job's name, the same on every machine
+
+    @model_validator(mode="after")
+    def _rendezvous(self):
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"train.nodes.node_rank ({self.node_rank}) must be below train.nodes.nnodes "
+                             f"({self.nnodes}): machines count from 0")
+        if self.nnodes > 1:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"train.nodes.rdzv_endpoint {self.rdzv_endpoint!r}: train.nodes.nnodes "
+                                 f"{self.nnodes} needs the host:port every machine reaches (e.g. 10.0.0.1:29500)")
+        return self
+
+
 class TrainParams(_Section):
     seed: int = 0
     epochs: int = Field(20, ge=1)
     max_steps: int | None = Field(None, ge=1)  # overrides epochs when set
-    batch_size: int = Field(2, ge=1)  # pages per forward pass over all GPUs together
+    batch_size: int = Field(2, ge=1)  # pages per forward pass over all GPUs (of all nodes) together
     grad_accum: int = Field(1, ge=1)  # forward passes per optimizer step
-    num_gpus: int = Field(1, ge=1, le=64)  # >1: data parallel through torchrun (CPU processes when device=cpu)
+    # per node; >1 (or nodes.nnodes > 1): data parallel through torchrun (CPU processes when device=cpu)
+    num_gpus: int = Field(1, ge=1, le=64)
+    nodes: NodesParams = NodesParams()  # several machines: world size = nodes.nnodes x num_gpus
     learning_rate: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
@@ -271,9 +344,13 @@ class TrainParams(_Section):
         if _within(Path(self.checkpoint_dir), Path(self.output_dir)):
             raise ValueError("checkpoint_dir may not be output_dir or inside it: `dvc repro` deletes the adapter "
                              "folder before training, and the checkpoints to resume from would go with it")
-        if self.batch_size % self.num_gpus:
+        if self.nodes.nnodes == 1 and self.batch_size % self.num_gpus:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of num_gpus ({self.num_gpus}): "
                              f"the batch is split evenly over the GPUs")
+        if self.batch_size % (world := self.nodes.nnodes * self.num_gpus):
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of nodes.nnodes x num_gpus "
+                             f"({self.nodes.nnodes} x {self.num_gpus} = {world}): the batch is split evenly over "
+                             f"the processes of all nodes")
         return self
 
 
@@ -333,6 +410,28 @@ def _no_secret_in_url(url: str, where: str) -> str:
     return url
 
 
+class RuntimeParams(_Section):
+    """Where pages are transcribed (infer, the local teacher, evaluate): `local`, in this process and its
+    workers, or `ray`, on a Ray cluster through Ray Data (ocr_finetune.engines.ray_data): pages prepared in CPU
+    tasks on any node, the model in a pool of GPU actors. Training is not affected (torchrun)."""
+
+    engine: Literal["local", "ray"] = "local"
+    # a running cluster to join ("auto", "ray://head:10001", "head:6379"); null: $RAY_ADDRESS, else a new
+    # cluster on this machine. Every node must reach the same files (pages, teacher.cache_dir, outputs).
+    ray_address: str | None = None
+    actors: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"  # model replicas; auto: every GPU of the cluster
+    gpus_per_actor: float = Field(1.0, ge=0)  # 0: the actors decode on CPU
+    cpus_per_actor: float = Field(1.0, ge=0)
+    # each preprocessing task (a batch of pages, read this many at a time) or rendering task (a page)
+    cpus_per_task: float = Field(2.0, gt=0)
+    num_cpus: int | None = Field(None, ge=1)  # a new local cluster's CPUs (null: all of this machine's)
+
+    @field_validator("ray_address")
+    @classmethod
+    def _address_without_secrets(cls, v):
+        return v if v is None else _no_secret_in_url(v, "the RAY_ADDRESS environment variable")
+
+
 class Params(_Section):
     data: DataParams = DataParams()
     pdf2img: Pdf2ImgParams = Pdf2ImgParams()
@@ -343,6 +442,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
+    runtime: RuntimeParams = RuntimeParams()
 
     def with_model(self, **changes) -> Params:
         """A copy with these `model.*` settings changed together (a family and its resolution are only valid

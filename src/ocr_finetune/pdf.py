@@ -208,12 +208,12 @@ def _remove_previous_pages(out_dir: Path) -> None:
 
 def render_pages(source: str | Path, out_dir: str | Path, dpi: int = 200, fmt: str = "png",
                  start_page: int = 1, end_page: int | None = None, workers: int = 1,
-                 progress: bool = True, max_pixels: int = MAX_PAGE_PIXELS) -> RenderManifest:
+                 progress: bool = True, max_pixels: int = MAX_PAGE_PIXELS, map_pages=None) -> RenderManifest:
     """Render pages [start_page, end_page] of every PDF under `source` to `{doc}_p{N}.{fmt}` in out_dir
     (`document_names` gives `doc`), each page at most `max_pixels` (at a lower dpi where needed).
 
     Unreadable PDFs and pages are reported (once, here), listed in the manifest's `skipped`, and do not stop
-    the others.
+    the others. `map_pages` (engines.page_mapper): render on a cluster instead of in `workers` processes here.
     """
     if not 10 <= dpi <= 1200:
         raise ValueError(f"dpi {dpi}: allowed values are 10 to 1200")
@@ -256,7 +256,13 @@ def render_pages(source: str | Path, out_dir: str | Path, dpi: int = 200, fmt: s
             docs.append((names[rel], rel))
     bar = tqdm(total=len(tasks), desc="pdf2img", unit="page", disable=not progress)
     results = []
-    if workers > 1 and len(tasks) > 1:
+    if map_pages is not None:
+        by_index = {}
+        for i, r in map_pages(_render_one, tasks):
+            by_index[i] = r
+            bar.update()
+        results = [by_index[i] for i in range(len(tasks))]
+    elif workers > 1 and len(tasks) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             for r in pool.map(_render_one, tasks, chunksize=4):
                 results.append(r)

@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .base import Encoded, resolve_checkpoint, write_json
 
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
-TINY_VERSION = 1  # bump when a tiny architecture or the tokenizer changes, so cached copies are rebuilt
+TINY_VERSION = 2  # bump when a tiny architecture, its init or the tokenizer changes, so cached copies are rebuilt
 TENSOR_VIEWS = ("pixel_values", "pixel_values_local")
 # The routed experts are fused 3-D parameters, not nn.Linear: PEFT adapts them through `target_parameters`.
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -94,14 +94,19 @@ def special_ids(tokenizer) -> dict:
 
 
 def save_random(model_cls, config, processor, out_dir: Path, marker: dict, device: str, dtype: torch.dtype,
-                seed: int) -> Path:
-    """Write a random checkpoint (model, tokenizer, processor) like a downloaded one, once per marker."""
+                seed: int, adjust=None) -> Path:
+    """Write a random checkpoint (model, tokenizer, processor) like a downloaded one, once per marker.
+    `adjust(model)`: changes to the random weights before they are saved."""
     stamp = out_dir / "tiny.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == marker:
         return out_dir
     with torch.random.fork_rng(devices=[]), torch.device(device):  # the caller's random state stays as it was
         torch.manual_seed(seed)
-        model = model_cls(config).to(dtype)
+        model = model_cls(config)
+        if adjust is not None:
+            with torch.no_grad():
+                adjust(model)
+        model = model.to(dtype)
     for key, value in special_ids(processor.tokenizer).items():
         setattr(model.generation_config, key, value)
     out_dir.mkdir(parents=True, exist_ok=True)

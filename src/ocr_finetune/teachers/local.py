@@ -10,7 +10,7 @@ from typing import Iterable, Iterator
 
 from ..params import LocalTeacherParams, Params
 from .base import PageInput, PageLabel
-from .cache import LabelCache, cache_key
+from .cache import Answers, LabelCache, cache_key
 from .prompts import Prompt
 from .quality import answer_label
 
@@ -32,10 +32,10 @@ class LocalTeacher:
 
     @property
     def model(self):
-        if self._model is None:  # loaded on the first page that is not cached
-            from ..infer import LocalModel
+        if self._model is None:  # loaded on the first page that is not cached, by runtime.engine
+            from ..engines import transcriber
 
-            self._model = LocalModel(self.params, adapter_dir=self.config.adapter, device=self.config.device)
+            self._model = transcriber(self.params, adapter_dir=self.config.adapter, device=self.config.device)
         return self._model
 
     @property
@@ -57,7 +57,8 @@ class LocalTeacher:
 
     def label(self, pages: Iterable[PageInput]) -> Iterator[PageLabel]:
         """Cached answers first (the cache keys are hashes of the images, read in threads), then the other pages
-        through the model, read and preprocessed in worker processes while the GPU decodes."""
+        through the model, read and preprocessed in worker processes while the GPU decodes; each answer is
+        cached by the process that decoded it (a Ray actor too) before it reaches this one."""
         settings = self.settings()
         pages = list(pages)
         todo = []
@@ -73,15 +74,14 @@ class LocalTeacher:
             return
         answers = self.model.stream([page.image for page, _ in todo], self.prompt, self.config.max_new_tokens,
                                     self.config.batch_size, self.config.no_repeat_ngram_size, progress=False,
-                                    no_repeat_window=self.config.no_repeat_window)
+                                    no_repeat_window=self.config.no_repeat_window,
+                                    answers=Answers(self.cache, [key for _, key in todo]))
         for i, text, finish in answers:
             page, key = todo[i]
             if text is None:  # a broken image fails its page, not the run
                 yield PageLabel(page.doc, page.page, page.image.name, "failed", reason=finish, teacher=self.name)
                 continue
-            entry = {"text": text, "finish_reason": finish}
-            self.cache.put(key, entry)
-            yield self.to_label(page, entry)
+            yield self.to_label(page, {"text": text, "finish_reason": finish})
 
 
 def _key_or_error(image: Path, settings: dict):
