@@ -189,3 +189,122 @@ def test_demo_corpus_labels_keep_their_quality():
         if label.status == "labeled":
             truth = (samples / "truth" / f"{label.doc}_p{label.page}.md").read_text(encoding="utf-8")
             assert cer(truth, label.text) < 0.01, (label.doc, label.page, label.text)
+
+
+# ---------------------------------------------------------------- tables without rules
+
+def _cells(table):
+    """A table's rows as (text, colspan) per cell: GFM and HTML alike."""
+    return [[(str(c), getattr(c, "colspan", 1)) for c in row] for row in table]
+
+
+def _traced(pdf_bytes_or_path):
+    """The page's label and the reasons the unruled-table detector gave for each run it took for no table."""
+    from ocr_finetune.teachers import text_layer
+
+    doc = pymupdf.open(pdf_bytes_or_path) if isinstance(pdf_bytes_or_path, Path) else \
+        pymupdf.open("pdf", pdf_bytes_or_path)
+    text_layer.UNRULED_TRACE = []
+    try:
+        return text_layer.page_text(doc[0]).text, [reason for reason, _ in text_layer.UNRULED_TRACE]
+    finally:
+        text_layer.UNRULED_TRACE = None
+
+
+def test_unruled_tables_come_out_as_tables_cell_for_cell(run):
+    # columns only as aligned white space: left-aligned text, right-aligned numbers, a centred column
+    shapes = {"unruled_price_list": (6, 4), "unruled_schedule": (6, 3), "unruled_statement": (7, 3)}
+    for name, table in rc.UNRULED_TABLES.items():
+        row = run["rows"][name]
+        text = row["label"].text
+        found = markdown_tables(text)
+        assert len(found) == 1, (name, text)
+        assert _cells(found[0]) == _cells(markdown_tables(table.markdown())[0]), (name, text)
+        rows, cols = shapes[name]
+        assert len(found[0]) == rows and max(sum(cs for _, cs in r) for r in _cells(found[0])) == cols, name
+        assert row["score"]["teds"] == 1.0 and row["score"]["cer"] < 0.01, (name, text)
+        # the prose above and below is no row of it
+        blocks = text.strip().split("\n\n")
+        table_at = next(i for i, b in enumerate(blocks) if "<table" in b or "|---" in b)
+        assert blocks[table_at - 1] == row["truth"].split("\n\n")[1] and len(blocks) == table_at + 2, (name, text)
+    schedule = run["rows"]["unruled_schedule"]["label"].text.splitlines()
+    # the session title wrapped onto a second line in its column is one cell; it adds no row
+    assert "| 09:30 | Opening remarks and welcome by the programme committee | Hall A |" in schedule
+    assert "| 11:30 | Tables without rules | Hall A |" in schedule
+    assert "| Envelopes C5 | pack | 6.75 | 1,300 |" in run["rows"]["unruled_price_list"]["label"].text
+    # a header centred over both year columns: HTML, as the ruled path writes merged cells
+    statement = run["rows"]["unruled_statement"]["label"].text
+    assert '<tr><td></td><td colspan="2">Year ended 31 December</td></tr>' in statement
+    assert "<tr><td>Cost of sales</td><td>(905)</td><td>(900)</td></tr>" in statement
+    for name in rc.UNRULED_TABLES:  # plain get_text() reads them column by column or word by word
+        assert run["rows"][name]["plain_score"].get("teds", 0.0) < 0.5
+
+
+def test_aligned_lines_that_are_no_tables_stay_text(run, corpus):
+    # key: value lines at a tab stop: two aligned columns over five lines, read as lines, label by value
+    row = run["rows"]["unruled_key_values"]
+    blocks = row["label"].text.strip().split("\n\n")
+    assert markdown_tables(row["label"].text) == [] and row["score"]["cer"] < 0.01, row["label"].text
+    assert blocks[1:1 + len(rc.KEY_VALUES)] == [f"{k} {v}" for k, v in rc.KEY_VALUES]
+    assert _traced(corpus / "pdfs" / "unruled_key_values.pdf")[1] == ["key: value lines"]
+    # justified prose whose stretched spaces leave gutters over three lines: seen, and refused
+    row = run["rows"]["prose_wide_gaps"]
+    assert markdown_tables(row["label"].text) == [] and row["score"]["cer"] < 0.01, row["label"].text
+    assert _traced(corpus / "pdfs" / "prose_wide_gaps.pdf")[1], "the run of wide gaps was not even a candidate"
+
+
+def test_two_column_pages_stay_two_reading_columns(corpus):
+    # the demo's two-column newsletter: its columns run side by side line by line (the shape of a two-column
+    # table), and are read one after the other
+    from conftest import ROOT
+
+    text, reasons = _traced(ROOT / "data" / "samples" / "pdfs" / "two_column_news.pdf")
+    assert markdown_tables(text) == [] and ("prose columns" in reasons or "two text columns" in reasons), reasons
+    blocks = text.strip().split("\n\n")
+    assert [b for b in blocks if b.startswith("## ")] == ["## Garden Project", "## Library Hours"]
+    assert blocks.index("More planting days are planned for the spring.") < blocks.index("## Library Hours")
+    for name in MULTI_COLUMN:  # the corpus's two-column pages likewise
+        text, reasons = _traced(corpus / "pdfs" / f"{name}.pdf")
+        assert markdown_tables(text) == [] or name in rc.TABLE_DOCS, name
+        assert "prose columns" in reasons or "two text columns" in reasons, (name, reasons)
+
+
+def _page(draw) -> bytes:
+    doc = pymupdf.open()
+    draw(doc.new_page(width=rc.PAGE_W, height=rc.PAGE_H))
+    return doc.tobytes()
+
+
+def test_lists_displays_and_a_table_at_body_leading():
+    helv = pymupdf.Font("helv")
+
+    def numbered_list(page):  # numbers in a column of their own, the items at a hanging indent
+        for i, item in enumerate(["Open the valve slowly.", "Wait two minutes.", "Close the valve again.",
+                                  "Write down the reading."]):
+            page.insert_text((56, 100 + 16 * i), f"{i + 1}.", fontsize=10)
+            page.insert_text((80, 100 + 16 * i), item, fontsize=10)
+
+    def displays(page):  # numbered formulas one under another: the numbers flush right
+        for i, formula in enumerate(["a = b + c", "d = e - f", "g = h + k"]):
+            page.insert_text((250, 100 + 16 * i), formula, fontname="tiro", fontsize=10)
+            page.insert_text((520, 100 + 16 * i), f"({i + 1})", fontname="tiro", fontsize=10)
+
+    def glued(page):  # a table set at the body's leading between two paragraphs, header not bold
+        page.insert_text((56, 80), "The figures for the last three years are as follows.", fontsize=10)
+        for i, cells in enumerate([("Year", "Members", "Fee"), ("2023", "1,204", "12.50"),
+                                   ("2024", "1,377", "12.50"), ("2025", "1,410", "14.00")]):
+            page.insert_text((56, 92 + 12 * i), cells[0], fontsize=10)
+            for right, cell in zip((250, 350), cells[1:]):
+                page.insert_text((right - helv.text_length(cell, fontsize=10), 92 + 12 * i), cell, fontsize=10)
+        page.insert_text((56, 140), "Fees are per year and include the newsletter.", fontsize=10)
+
+    for draw, reason in ((numbered_list, "list"), (displays, "numbered displays")):
+        text, reasons = _traced(_page(draw))
+        assert markdown_tables(text) == [] and reasons == [reason], (text, reasons)
+    text, _ = _traced(_page(glued))
+    assert _cells(markdown_tables(text)[0]) == [[("Year", 1), ("Members", 1), ("Fee", 1)],
+                                                [("2023", 1), ("1,204", 1), ("12.50", 1)],
+                                                [("2024", 1), ("1,377", 1), ("12.50", 1)],
+                                                [("2025", 1), ("1,410", 1), ("14.00", 1)]], text
+    assert text.startswith("The figures for the last three years are as follows.\n\n| Year |")
+    assert text.rstrip().endswith("|\n\nFees are per year and include the newsletter."), text

@@ -7,7 +7,11 @@ Korean and tightly kerned Latin whose word spaces exist only as glyph positions;
 a scan; a blank page; glyphs without Unicode (one recoverable from the embedded font, one not). And pages as
 LaTeX sets them (two columns, Times, no space characters, rules as filled rectangles): a booktabs table with
 a \\multicolumn header in a column, an \\hline table without vertical bars across both columns, numbered
-display formulas in a column and across the page, and prose between rules of one width (no table).
+display formulas in a column and across the page, and prose between rules of one width (no table). And
+tables without any rule, columns only as aligned white space: a price list (numbers right-aligned), a
+schedule with a cell wrapped onto a second line and a centred column, a statement with a header spanning
+two columns; beside them what has the same shape and is no table: aligned key: value lines, and justified
+prose whose stretched word spaces are as wide as a table's column gaps.
 
 Pages that no text layer can label truthfully (scan, blank, unrecoverable glyphs) say so in `EXPECTED`:
 the status and a word the reason must contain. Output is deterministic (fixed metadata, no ids).
@@ -59,7 +63,9 @@ class Table:
 
     def markdown(self) -> str:
         """GFM without merged cells; HTML with rowspan/colspan (DeepSeek-OCR's own table format) with them."""
-        by_row = [sorted((c, rs, cs, t) for r, c, rs, cs, t in self.cells if r == i) for i in range(self.rows)]
+        # a cell's "\n" is a line break as printed (a wrapped cell): in the truth, one cell's text
+        by_row = [sorted((c, rs, cs, t.replace("\n", " ")) for r, c, rs, cs, t in self.cells if r == i)
+                  for i in range(self.rows)]
         if not self.merged():
             lines = ["| " + " | ".join(t for *_, t in row) + " |" for row in by_row]
             return "\n".join([lines[0], "|" + "---|" * len(by_row[0])] + lines[1:])
@@ -142,6 +148,47 @@ COLUMN_FORMULA = [[("g(x) = b", ""), ("0", "sub"), (" + b", ""), ("1", "sub"), (
 WIDE_FORMULA = [[("E(x, y) = c", ""), ("0", "sub"), ("x", ""), ("2", "sup"), (" + c", ""), ("1", "sub"),
                  ("xy + c", ""), ("2", "sub"), ("y", ""), ("2", "sup"), (" + c", ""), ("3", "sub"),
                  ("(x + y)", "")]]
+
+# Tables without rules (issue: unruled tables came out as loose lines, or their columns read one after the
+# other): columns as aligned white space only, as word processors set them with tab stops.
+PRICE_LIST = Table([150, 80, 70, 70], 6, [
+    (0, 0, 1, 1, "Item"), (0, 1, 1, 1, "Unit"), (0, 2, 1, 1, "Price"), (0, 3, 1, 1, "Stock"),
+    (1, 0, 1, 1, "Copy paper A4"), (1, 1, 1, 1, "box"), (1, 2, 1, 1, "24.50"), (1, 3, 1, 1, "120"),
+    (2, 0, 1, 1, "Toner cartridge"), (2, 1, 1, 1, "piece"), (2, 2, 1, 1, "189.00"), (2, 3, 1, 1, "15"),
+    (3, 0, 1, 1, "Desk stapler"), (3, 1, 1, 1, "piece"), (3, 2, 1, 1, "12.90"), (3, 3, 1, 1, "40"),
+    (4, 0, 1, 1, "Envelopes C5"), (4, 1, 1, 1, "pack"), (4, 2, 1, 1, "6.75"), (4, 3, 1, 1, "1,300"),
+    (5, 0, 1, 1, "Whiteboard markers"), (5, 1, 1, 1, "set"), (5, 2, 1, 1, "8.20"), (5, 3, 1, 1, "64")])
+PRICE_ALIGN = "llrr"
+# "\n": the cell wraps onto a second line in its column, the row's other cells empty there
+SCHEDULE = Table([60, 190, 70], 6, [
+    (0, 0, 1, 1, "Time"), (0, 1, 1, 1, "Session"), (0, 2, 1, 1, "Room"),
+    (1, 0, 1, 1, "09:00"), (1, 1, 1, 1, "Registration"), (1, 2, 1, 1, "Foyer"),
+    (2, 0, 1, 1, "09:30"), (2, 1, 1, 1, "Opening remarks and welcome\nby the programme committee"),
+    (2, 2, 1, 1, "Hall A"),
+    (3, 0, 1, 1, "10:15"), (3, 1, 1, 1, "Reading order in scanned books"), (3, 2, 1, 1, "Hall B"),
+    (4, 0, 1, 1, "11:00"), (4, 1, 1, 1, "Coffee break"), (4, 2, 1, 1, "Foyer"),
+    (5, 0, 1, 1, "11:30"), (5, 1, 1, 1, "Tables without rules"), (5, 2, 1, 1, "Hall A")])
+SCHEDULE_ALIGN = "llc"
+# a header cell centred over two columns (HTML with colspan in the truth), negative amounts in parentheses
+STATEMENT = Table([150, 80, 80], 7, [
+    (0, 0, 1, 1, ""), (0, 1, 1, 2, "Year ended 31 December"),
+    (1, 0, 1, 1, "EUR thousand"), (1, 1, 1, 1, "2025"), (1, 2, 1, 1, "2024"),
+    (2, 0, 1, 1, "Revenue"), (2, 1, 1, 1, "1,344"), (2, 2, 1, 1, "1,200"),
+    (3, 0, 1, 1, "Cost of sales"), (3, 1, 1, 1, "(905)"), (3, 2, 1, 1, "(900)"),
+    (4, 0, 1, 1, "Gross profit"), (4, 1, 1, 1, "439"), (4, 2, 1, 1, "300"),
+    (5, 0, 1, 1, "Other income"), (5, 1, 1, 1, "12"), (5, 2, 1, 1, "9"),
+    (6, 0, 1, 1, "Operating profit"), (6, 1, 1, 1, "451"), (6, 2, 1, 1, "309")])
+STATEMENT_ALIGN = "lrr"
+# what has a table's shape and is none: labels and values at a tab stop, and justified prose with stretched gaps
+KEY_VALUES = [("Invoice number:", "2025-0147"), ("Date:", "12 March 2025"), ("Customer:", "Northwind Cooperative"),
+              ("Payment terms:", "30 days net"), ("Delivery:", "Free of charge")]
+WIDE_GAPS = ("Justification stretches interword spacing until every line reaches the right margin. "
+             "Extraordinarily long compound terminology, internationalisation, "
+             "electroencephalographic measurements, incomprehensibilities and uncharacteristically "
+             "unpronounceable abbreviations leave narrow columns particularly vulnerable: conspicuously "
+             "widened gaps appear wherever unbreakable vocabulary accumulates, although sentences continue "
+             "straight across them.")
+WIDE_GAPS_AFTER = "These gaps are word spaces of one sentence, not the gutters between the columns of a table."
 
 
 # ---------------------------------------------------------------- drawing
@@ -273,6 +320,49 @@ class Pen:
                 rule(xs[0], xs[-1], y + r * row_h - 1, 0.4)
         shape.commit()
         return bottom + 10
+
+    def plain_table(self, t: Table, x, y, aligns, header_rows=1, size=BODY, pitch=1.6):
+        """A table without any rule: each cell's text flush left, flush right or centred in its column
+        (`aligns`, one of l r c per column; a spanning cell centred over its span), the header rows bold,
+        rows `pitch` sizes apart. A cell's "\\n" wraps it onto the next line (set closer, at LEAD), the row's
+        other cells empty there. Returns the y below it."""
+        xs, pad = [x], 6
+        for w in t.widths:
+            xs.append(xs[-1] + w)
+        base = y + size * pitch
+        for r in range(t.rows):
+            cells = [c for c in t.cells if c[0] == r]
+            font = "hebo" if r < header_rows else "helv"
+            f = self.font(font)
+            lines = 1
+            for _, c, _, cs, text in cells:
+                parts = text.split("\n")
+                lines = max(lines, len(parts))
+                for k, part in enumerate(parts):
+                    width = f.text_length(part, fontsize=size)
+                    align = "c" if cs > 1 else aligns[c]
+                    left = {"l": xs[c] + pad, "r": xs[c + cs] - pad - width,
+                            "c": (xs[c] + xs[c + cs] - width) / 2}[align]
+                    if part:
+                        self.text((left, base + k * size * LEAD), part, font, size)
+            base += (lines - 1) * size * LEAD + size * pitch
+        return base - size * pitch + size * 0.9
+
+    def justified(self, text, x, y, width, size=BODY, font="tiro"):
+        """Prose set justified as TeX sets it: each word at its pen position (no space characters), the
+        spaces of each line but the last stretched until it reaches `width`. Lines of a few long words get
+        gaps of an em and more, which PDF readers cut lines at. Returns the y below it."""
+        f, space = self.font(font), self.font(font).text_length(" ", fontsize=size)
+        lines = self.wrap(text.split(" "), width, size, font, space)
+        for n, line in enumerate(lines):
+            y += size * LEAD
+            widths = [f.text_length(w, fontsize=size) for w in line]
+            gap = (width - sum(widths)) / (len(line) - 1) if n < len(lines) - 1 and len(line) > 1 else space
+            pos = x
+            for word, w in zip(line, widths):
+                self.text((pos, y), word, font, size)
+                pos += w + gap
+        return y + size * 0.7
 
     def display(self, lines, x0, x1, y, number, size=BODY, font="tiro"):
         """A numbered display formula centred between x0 and x1, its number "(N)" flush right at x1 on the
@@ -482,6 +572,66 @@ def tight_latin(pen):
     return ["# Tight Kerning"] + TIGHT
 
 
+def _unruled_table_page(pen, title: str, intro: str, table, align, note: str) -> list[str]:
+    """A heading, a paragraph, a table drawn without rules, a closing paragraph; and that page's truth."""
+    y = pen.heading(title, MARGIN, MARGIN, 16)
+    y = pen.paragraph(intro, MARGIN, y, PAGE_W - 2 * MARGIN)
+    y = pen.plain_table(table, MARGIN, y + 4, align)
+    pen.paragraph(note, MARGIN, y + 8, PAGE_W - 2 * MARGIN)
+    return [f"# {title}", intro, table.markdown(), note]
+
+
+def unruled_price_list(pen):
+    """A price list without rules: item and unit flush left, price and stock flush right (numbers of
+    different widths, so their left edges differ), a bold header; prose above and below."""
+    return _unruled_table_page(pen, "Price List",
+                               "Prices are in euros and include tax; stock is counted at the end of each month.",
+                               PRICE_LIST, PRICE_ALIGN,
+                               "Orders above 200 euros ship free of charge within the country.")
+
+
+def unruled_schedule(pen):
+    """A schedule without rules: one session title wraps onto a second line in its column, the room column
+    is centred."""
+    return _unruled_table_page(pen, "Workshop Programme",
+                               "All sessions take place on the first floor of the conference centre.",
+                               SCHEDULE, SCHEDULE_ALIGN, "Lunch is served in the foyer from half past twelve.")
+
+
+def unruled_statement(pen):
+    """An income statement without rules: a header cell centred over both year columns, amounts flush
+    right, negative ones in parentheses."""
+    y = pen.heading("Income Statement", MARGIN, MARGIN, 16)
+    intro = "The statement below is condensed; the full version is part of the audited accounts."
+    y = pen.paragraph(intro, MARGIN, y, PAGE_W - 2 * MARGIN)
+    y = pen.plain_table(STATEMENT, MARGIN, y + 4, STATEMENT_ALIGN, header_rows=2)
+    note = "Amounts in parentheses are costs."
+    pen.paragraph(note, MARGIN, y + 8, PAGE_W - 2 * MARGIN)
+    return ["# Income Statement", intro, STATEMENT.markdown(), note]
+
+
+def unruled_key_values(pen):
+    """Labels ending in a colon and their values at a tab stop: two aligned columns over five lines, and
+    no table; each label stays with its value."""
+    y = pen.heading("Delivery Note", MARGIN, MARGIN, 16)
+    for key, value in KEY_VALUES:
+        y += BODY * 1.6
+        pen.text((MARGIN, y), key, "helv", BODY)
+        pen.text((MARGIN + 110, y), value, "helv", BODY)
+    after = "Please check the goods on arrival and report any damage within three days."
+    pen.paragraph(after, MARGIN, y + 14, PAGE_W - 2 * MARGIN)
+    return ["# Delivery Note"] + [f"{k} {v}" for k, v in KEY_VALUES] + [after]
+
+
+def prose_wide_gaps(pen):
+    """Justified prose in a narrow measure (TeX: no space characters): some lines have gaps of one to two
+    ems, several on one line, which is the shape of a table's row; and no table."""
+    y = pen.heading("Stretched Lines", MARGIN, MARGIN, 16)
+    y = pen.justified(WIDE_GAPS, MARGIN, y, 230)
+    pen.paragraph(WIDE_GAPS_AFTER, MARGIN, y, PAGE_W - 2 * MARGIN)
+    return ["# Stretched Lines", WIDE_GAPS, WIDE_GAPS_AFTER]
+
+
 SCAN_TEXT = ["Scanned Report", "This page is a picture of printed text with an OCR layer on top."]
 
 
@@ -527,6 +677,11 @@ DOCUMENTS = {
     "pipe_prose": ([pipe_prose], True, False),
     "korean_positional": ([korean_positional], True, False),
     "tight_latin": ([tight_latin], True, False),
+    "unruled_price_list": ([unruled_price_list], True, False),
+    "unruled_schedule": ([unruled_schedule], True, False),
+    "unruled_statement": ([unruled_statement], True, False),
+    "unruled_key_values": ([unruled_key_values], True, False),
+    "prose_wide_gaps": ([prose_wide_gaps], True, False),
     "invisible_ocr": ([invisible_ocr], True, False),
     "blank": ([blank], True, False),
     # the whole font stays embedded: its own cmap maps glyphs back to Unicode
@@ -537,7 +692,9 @@ DOCUMENTS = {
 # what a teacher reading only the text layer must say of the pages it cannot label: (status, word in reason)
 EXPECTED = {"invisible_ocr": ("unlabeled", "invisible"), "blank": ("unlabeled", "blank"),
             "no_unicode_lost": ("unlabeled", "unicode")}
-TABLE_DOCS = ("two_columns_table", "side_by_side_tables", "merged_cells", "latex_booktabs", "latex_hlines")
+TABLE_DOCS = ("two_columns_table", "side_by_side_tables", "merged_cells", "latex_booktabs", "latex_hlines",
+              "unruled_price_list", "unruled_schedule", "unruled_statement")
+UNRULED_TABLES = {"unruled_price_list": PRICE_LIST, "unruled_schedule": SCHEDULE, "unruled_statement": STATEMENT}
 
 
 def _drop_tounicode(doc):

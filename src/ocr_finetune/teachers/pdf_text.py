@@ -1,10 +1,10 @@
 """The offline default teacher: Markdown from the PDF's own text layer (text_layer.py), pages in parallel.
 
-Headings, lists, tables (ruled, or ruled only across as LaTeX sets them; HTML where cells are merged) and
-display formulas (numbered ones with `\\tag`) come out as Markdown, in reading order across columns. Pages
-without a usable text layer (scans, an invisible OCR layer, blank pages, glyphs without Unicode) are returned
-as `unlabeled` with the reason; OCR is deliberately off, since a guessed label would be trained on as if it
-were true.
+Headings, lists, tables (ruled, ruled only across as LaTeX sets them, or not ruled at all, columns only as
+aligned white space; HTML where cells are merged) and display formulas (numbered ones with `\\tag`) come out
+as Markdown, in reading order across columns. Pages without a usable text layer (scans, an invisible OCR
+layer, blank pages, glyphs without Unicode) are returned as `unlabeled` with the reason; OCR is deliberately
+off, since a guessed label would be trained on as if it were true.
 
 The extractor was chosen by measurement (benchmarks/pdf_text_teacher.py, results/pdf_text_teacher.json):
 on the regression corpus (ocr_finetune.regression_corpus) mean CER 0.000 against 0.185 for pymupdf4llm's

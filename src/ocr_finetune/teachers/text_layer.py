@@ -9,6 +9,10 @@ What this adds to PyMuPDF, and why it is written here:
   display broken over lines as one, its printed number "(N)" as `\\tag{N}`;
 - tables ruled only across (booktabs, \\hline without vertical bars: most LaTeX tables), which PyMuPDF's
   finder does not find: region from the rules, columns from white space, cells handed to the finder;
+- tables without any rule (columns set with tab stops: price lists, statements, schedules): runs of lines
+  with white gutters no line crosses, cells wrapped in their column joined, a header spanning columns; told
+  apart from two-column pages, justified prose, lists, key: value lines and numbered displays, which have
+  that shape too (key: value lines come out one label and value a line, not read as two columns);
 - what a page is when it has no usable text: blank, image-only, an invisible OCR layer (render mode 3:
   its text is a guess of an OCR engine), or glyphs without Unicode that the embedded font cannot map back.
 """
@@ -19,6 +23,7 @@ import re
 import statistics
 import unicodedata
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import pymupdf
 
@@ -77,7 +82,7 @@ class Line:
 
 @dataclass
 class Block:
-    kind: str  # text | table | figure
+    kind: str  # text | table | lines (key: value lines, their markdown made) | figure
     box: tuple
     lines: list[Line] = field(default_factory=list)
     markdown: str = ""
@@ -319,26 +324,37 @@ def table_regions(chains, glyph_lines: list[list[Glyph]]) -> list[tuple]:
 def text_rows(glyph_lines: list[list[Glyph]], box) -> list[TextRow]:
     """The printed lines inside box, top to bottom, each cut into segments where a gap wider than a word
     space runs (the cells of a table's row)."""
-    pieces = [kept for line in glyph_lines if (kept := [g for g in line if not g.c.isspace() and inside(g, box)])]
+    return [_text_row(row) for row in baseline_rows(glyph_lines, lambda g: inside(g, box))]
+
+
+def baseline_rows(glyph_lines: list[list[Glyph]], keep) -> list[list[Glyph]]:
+    """The visible glyphs that `keep` accepts as printed lines, top to bottom: MuPDF's lines on one baseline
+    joined (the cells of a row, two columns' lines side by side), scripts with their line."""
+    pieces = [kept for line in glyph_lines if (kept := [g for g in line if not g.c.isspace() and keep(g)])]
     rows: list[list[Glyph]] = []
     for piece in sorted(pieces, key=_baseline):
         if rows and abs(_baseline(rows[-1]) - _baseline(piece)) < 0.3 * max(g.size for g in piece):
             rows[-1].extend(piece)
         else:
             rows.append(piece)
-    return [_text_row(row) for row in _scripts_to_their_lines(rows)]
+    return _scripts_to_their_lines(rows)
 
 
 def _scripts_to_their_lines(rows: list[list[Glyph]]) -> list[list[Glyph]]:
     """A row of only small glyphs within the height of a row of larger ones (scripts that MuPDF set apart
     from their line) joins that row."""
+    # each row's largest size and vertical extent, kept up to date as rows join: over a whole page's rows,
+    # recomputing them for every pair took longer than the rest of the page
+    stats = {id(r): [max(g.size for g in r), min(g.y0 for g in r), max(g.y1 for g in r)] for r in rows}
     keep = list(rows)
     for row in rows:
-        size, mid = max(g.size for g in row), statistics.median((g.y0 + g.y1) / 2 for g in row)
-        host = next((x for x in keep if x is not row and size < 0.85 * max(g.size for g in x)
-                     and min(g.y0 for g in x) < mid < max(g.y1 for g in x)), None)
+        size, mid = stats[id(row)][0], statistics.median((g.y0 + g.y1) / 2 for g in row)
+        host = next((x for x in keep if x is not row and size < 0.85 * stats[id(x)][0]
+                     and stats[id(x)][1] < mid < stats[id(x)][2]), None)
         if host is not None:
             host.extend(row)
+            h, r = stats[id(host)], stats[id(row)]
+            stats[id(host)] = [max(h[0], r[0]), min(h[1], r[1]), max(h[2], r[2])]
             keep = [x for x in keep if x is not row]
     return keep
 
@@ -458,6 +474,374 @@ def _spans(rowspan: int, colspan: int) -> str:
 
 def _escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+# ---------------------------------------------------------------- tables without rules
+#
+# Columns set with tab stops or runs of spaces and no line drawn (price lists, financial statements,
+# schedules): only white space marks them. MuPDF cuts its lines at such gaps, and reading order then read
+# each column down the page as a column of text, one after the other. Here a table is a run of printed
+# lines with vertical strips of white ("gutters") that none of them crosses; the checks in
+# `_unruled_block` tell it from what has that shape too and is no table: two-column pages (their gutter
+# runs down the whole page), prose whose stretched word spaces line up, lists (a gutter after the bullets),
+# key: value lines (a gutter after the labels) and numbered displays (a gutter before the numbers).
+
+# A gutter is at least this wide: three word spaces (a space is 0.25-0.28 em), beyond any word space of
+# justified text; TeX's column gap (2 \tabcolsep) is 1.2 em, tab stops leave more.
+GUTTER_EM = CELL_GAP_EM
+# rows of one table: at most this much white between one line's box and the next (the line pitch of
+# rows set at up to ~2.6 times the font size); a paragraph or a heading further away is no row of it
+ROW_GAP_EM = 1.5
+MIN_ROWS = 3  # rows with their own cells (header included, wrapped lines not): two aligned lines are no table
+MIN_FILL = 0.6  # the rows fill this share of the cells on average, and each column holds >= 2 rows' cells
+# a column's cells share a left, right or centre edge within this; a digit is 0.55 em wide, so numbers
+# aligned on their decimal point (1.5 over 12.25) count as flush right
+ALIGN_EM = 0.6
+# two columns this wide a share of the page's text each, of similar width, their lines filling them: a
+# page set in two columns, not a two-column table (and each column read down, as reading_order does)
+TEXT_COLUMN_SHARE = 0.3
+NUMBER = re.compile(r"[-−+±(\[]?[$€£¥]?\d[\d.,:/'’\u00a0\u2009 –-]*%?[)\]]?")
+LIST_LABEL = re.compile(r"[" + BULLETS.replace("–", "") + r"]|\(?(\d{1,2}|[a-zA-Z]|[ivxIVX]{1,4})[.)]")
+KEY_VALUE = re.compile(r"[^\W\d][^:]{0,40}:(\s.*)?")
+
+
+@dataclass
+class _Row:
+    """One printed line across the page, cut into segments where a gap of GUTTER_EM or more runs."""
+    segments: list[list[Glyph]]
+    size: float
+    bold: bool
+
+    def __post_init__(self):
+        self.top = min(g.y0 for s in self.segments for g in s)
+        self.bottom = max(g.y1 for s in self.segments for g in s)
+        self.extents = [(min(g.x0 for g in s), max(g.x1 for g in s)) for s in self.segments]
+
+    # what only the lines of a candidate run need, made when first asked for
+    @cached_property
+    def base(self) -> float:
+        return _baseline([g for s in self.segments for g in s])
+
+    @cached_property
+    def mid(self) -> float:
+        return statistics.median((g.y0 + g.y1) / 2 for s in self.segments for g in s)
+
+    @cached_property
+    def texts(self) -> list[str]:
+        return [line_text(Line(s)) for s in self.segments]
+
+    def free(self) -> list[tuple[float, float]]:
+        """The x-intervals this line leaves white, its outer margins included."""
+        ends = [-1e9] + [x for e in self.extents for x in e] + [1e9]
+        return list(zip(ends[::2], ends[1::2]))
+
+
+def _may_have_rows(glyph_lines: list[list[Glyph]]) -> bool:
+    """Whether MIN_ROWS of MuPDF's lines could be rows of cells: each either with a gap of GUTTER_EM inside
+    or on about the baseline of another line (a loose bound: most pages of prose have neither, and are
+    spared the rows)."""
+    lines, wide = [], 0
+    for glyphs in glyph_lines:
+        seen = [g for g in glyphs if not g.c.isspace()]
+        if not seen:
+            continue
+        lines.append((seen[0].base, seen[0].size))
+        wide += any(b.x0 - a.x1 > GUTTER_EM * b.size for a, b in zip(seen, seen[1:]))
+    lines.sort()
+    shared = sum(b[0] - a[0] < 0.6 * max(a[1], b[1]) for a, b in zip(lines, lines[1:]))
+    return wide + 2 * shared >= MIN_ROWS
+
+
+def _page_rows(glyph_lines: list[list[Glyph]], taken: list[tuple]) -> list[_Row]:
+    rows = []
+    keep = (lambda g: not any(inside(g, b) for b in taken)) if taken else (lambda g: True)
+    for glyphs in baseline_rows(glyph_lines, keep):
+        glyphs.sort(key=lambda g: g.x0)
+        size = _dominant([g.size for g in glyphs])
+        segments, right = [[glyphs[0]]], glyphs[0].x1
+        for g in glyphs[1:]:
+            if g.x0 - right > GUTTER_EM * size:
+                segments.append([g])
+                right = g.x1
+            else:
+                segments[-1].append(g)
+                right = max(right, g.x1)
+        rows.append(_Row(segments, size, sum(g.bold for g in glyphs) > len(glyphs) / 2))
+    return rows
+
+
+def _overlap(gutters, free, width: float) -> list[tuple[float, float]]:
+    return [(lo, hi) for a0, a1 in gutters for b0, b1 in free
+            if (hi := min(a1, b1)) - (lo := max(a0, b0)) >= width]
+
+
+def _follows(prev: _Row, row: _Row, size: float) -> bool:
+    """row is the next line of a block set in one size, close enough under prev to be a table's row."""
+    return abs(row.size - size) <= 0.2 * size and row.top - prev.bottom <= ROW_GAP_EM * size
+
+
+def _grow(rows: list[_Row], start: int) -> tuple[int, list[tuple[float, float]]]:
+    """The last row of the run from `start` down, and its gutters: each line leaves every gutter of the lines
+    above it white at least GUTTER_EM wide (it may cut one in two: a column empty in the first line)."""
+    size = rows[start].size
+    width = GUTTER_EM * size
+    gutters = list(zip([e[1] for e in rows[start].extents], [e[0] for e in rows[start].extents[1:]]))
+    end = start
+    for j in range(start + 1, len(rows)):
+        if not _follows(rows[end], rows[j], size):
+            break
+        pieces = [_overlap([g], rows[j].free(), width) for g in gutters]
+        if not all(pieces):
+            break
+        gutters, end = [p for ps in pieces for p in ps], j
+    return end, gutters
+
+
+def unruled_blocks(glyph_lines: list[list[Glyph]], taken: list[tuple]) -> list[Block]:
+    """Tables without rules on the page (outside the boxes taken), as table blocks; aligned key: value
+    lines as a block of lines, each label with its value."""
+    if not _may_have_rows(glyph_lines):
+        return []
+    rows = _page_rows(glyph_lines, taken)
+    if not any(len(r.segments) > 1 for r in rows):
+        return []
+    text_width = max(r.extents[-1][1] for r in rows) - min(r.extents[0][0] for r in rows)
+    blocks, s, floor = [], 0, 0
+    while s < len(rows):
+        if len(rows[s].segments) < 2:
+            s += 1
+            continue
+        end, gutters = _grow(rows, s)
+        start = s
+        if end > s and len(rows[s + 1].segments) > 1:  # a header cell spanning columns: the grid from below it
+            end2, gutters2 = _grow(rows, s + 1)
+            if end2 == end and len(gutters2) > len(gutters):
+                start, gutters = s + 1, gutters2
+        # every column needs cells in two rows of the grid: one line with wide gaps is no table
+        block = _unruled_block(rows, start, end, gutters, floor, glyph_lines, text_width) if end > start else None
+        if block is not None:
+            blocks.append(block)
+        s = floor = end + 1
+    return blocks
+
+
+def _column(mids: list[float], x0: float, x1: float) -> int:
+    return sum(m < (x0 + x1) / 2 for m in mids)
+
+
+def _header_spans(row: _Row, columns: list[tuple[float, float]], mids, size: float) -> list[tuple[int, int]] | None:
+    """(first, last) column of each segment of a header line above a table's grid (columns: their content's
+    extents), one of them across a gutter: a short heading, bold or centred over the columns it spans. None
+    where the line does not fit the grid, or is a line of text (a sentence, a label, across all columns)."""
+    if row.extents[0][0] < columns[0][0] - size or row.extents[-1][1] > columns[-1][1] + size:
+        return None
+    bounds = [-1e9] + list(mids) + [1e9]
+    spans = []
+    for (x0, x1), text in zip(row.extents, row.texts):
+        hit = [i for i in range(len(columns)) if x0 < bounds[i + 1] and x1 > bounds[i]]
+        a, b = hit[0], hit[-1]
+        centred = abs((x0 + x1) / 2 - (columns[a][0] + columns[b][1]) / 2) <= size
+        if a < b and (len(text.split()) >= PROSE_WORDS or text.endswith((".", ":")) or not (row.bold or centred)):
+            return None  # a sentence, or a label introducing the lines below ("Header:"), is no column's head
+        spans.append((a, b))
+    taken = [i for a, b in spans for i in range(a, b + 1)]
+    if len(taken) != len(set(taken)) or all(a == b for a, b in spans):
+        return None
+    if len(spans) == 1 and spans[0] == (0, len(columns) - 1):
+        return None  # one line across all columns: a caption or a paragraph's line
+    return spans
+
+
+def _aligned(cells: list[tuple[float, float]], tolerance: float) -> bool:
+    """The cells (x0, x1) of a column flush left, flush right or centred, all but one in five (and one
+    always: a header over the column is often set otherwise)."""
+    if len(cells) < 2:
+        return True
+    need = len(cells) - max(1, len(cells) // 5)
+    for edge in ([x0 for x0, _ in cells], [x1 for _, x1 in cells], [(x0 + x1) / 2 for x0, x1 in cells]):
+        ref = statistics.median(edge)
+        if sum(abs(e - ref) <= tolerance for e in edge) >= need:
+            return True
+    return False
+
+
+# where a list, the reasons why runs of aligned lines were taken for no table, with their first line's text
+# (for tests and for looking into a page: `text_layer.UNRULED_TRACE = []`, label, read it)
+UNRULED_TRACE: list | None = None
+
+
+def _rejected(reason: str, row: _Row) -> None:
+    if UNRULED_TRACE is not None:
+        UNRULED_TRACE.append((reason, " ".join(row.texts)))
+    return None
+
+
+def _unruled_block(rows: list[_Row], start: int, end: int, gutters, floor: int, glyph_lines,
+                   text_width: float) -> Block | None:
+    """The run of rows start..end as a table (or key: value lines), or None where it is none. Thresholds:
+    see GUTTER_EM to TEXT_COLUMN_SHARE above."""
+    if not gutters:
+        return None
+    size = rows[start].size
+    mids = [(a + b) / 2 for a, b in gutters]
+    ncols = len(mids) + 1
+    body = rows[start:end + 1]
+    left = min(r.extents[0][0] for r in body)
+    right = max(r.extents[-1][1] for r in body)
+    spread = [[e for r in body for e in r.extents if _column(mids, *e) == c] for c in range(ncols)]
+    columns = [(min(e[0] for e in es), max(e[1] for e in es)) if es else (a, b)
+               for es, a, b in zip(spread, [left] + list(mids), list(mids) + [right])]
+    # header lines above the grid whose cells span columns (at most two)
+    headers: list[tuple[_Row, list[tuple[int, int]]]] = []
+    k = start - 1
+    while k >= max(floor, start - 2) and _follows(rows[k], rows[k + 1], size) and \
+            abs(rows[k].size - size) <= 0.2 * size:
+        spans = _header_spans(rows[k], columns, mids, size)
+        if spans is None:
+            break
+        headers.insert(0, (rows[k], spans))
+        k -= 1
+    first = k + 1
+    # each body line's cells: column -> text, and its segments' extents
+    cells = []
+    for r in body:
+        line: dict[int, list] = {}
+        for ext, text in zip(r.extents, r.texts):
+            line.setdefault(_column(mids, *ext), []).append((ext, text))
+        cells.append(line)
+    # the pitch of rows: between consecutive lines that both have cells in two columns or more
+    pitches = [b.base - a.base for a, b, ca, cb in zip(body, body[1:], cells, cells[1:]) if len(ca) > 1 < len(cb)]
+    pitch = statistics.median(pitches) if pitches else None
+    # a line of one cell wrapped in its column (the row's other cells empty, no number) joins the row above;
+    # not one further below than the rows are apart (a line under the table)
+    groups: list[list[int]] = []
+    for i, line in enumerate(cells):
+        col = next(iter(line)) if len(line) == 1 else None
+        wrapped = (groups and col is not None and col in cells[groups[-1][0]]
+                   and not NUMBER.fullmatch(" ".join(t for _, t in line[col]))
+                   and (pitch is None or body[i].base - body[i - 1].base <= 1.1 * pitch))
+        if wrapped:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    while groups and len(cells[groups[-1][0]]) < 2:  # a line under the table, not a row of it
+        groups.pop()
+    if not groups:
+        return _rejected("no row", rows[start])
+    body, cells = body[:groups[-1][-1] + 1], cells[:groups[-1][-1] + 1]
+    last = start + len(body) - 1
+    main = [cells[g[0]] for g in groups]  # each row's first line
+
+    def texts(col, lines=main):
+        return [" ".join(t for _, t in line[col]) for line in lines if col in line]
+
+    # geometry: enough rows, most cells filled, every column aligned
+    filled = sum(b - a + 1 for _, spans in headers for a, b in spans) + sum(len(line) for line in main)
+    if len(headers) + len(main) < MIN_ROWS or filled < MIN_FILL * ncols * (len(headers) + len(main)):
+        return _rejected("few rows or cells", rows[start])
+    if any(sum(col in line for line in main) < 2 for col in range(ncols)):
+        return _rejected("a column of one cell", rows[start])
+    for col in range(ncols):
+        extents = [(min(e[0] for e, _ in line[col]), max(e[1] for e, _ in line[col])) for line in main
+                   if col in line]
+        if not _aligned(extents, ALIGN_EM * size):
+            return _rejected("unaligned column", rows[start])
+    # numeric columns (the first row left out: a header) are strong evidence of a table
+    numeric = [col for col in range(ncols) if (values := texts(col, main[1:]))
+               and sum(bool(NUMBER.fullmatch(t)) for t in values) >= 0.6 * len(values)]
+    x0, x1 = min([left] + [h.extents[0][0] for h, _ in headers]), max([right] + [h.extents[-1][1] for h, _ in headers])
+    box = (x0 - 1, rows[first].top - 1, x1 + 1, rows[last].bottom + 1)
+    grid = _grid(headers, [[body[i] for i in g] for g in groups], mids, box)
+    # key: value lines (labels ending in a colon, or each cell a "label: value"): lines, not a table
+    labels = texts(0)
+    every = [t for col in range(ncols) for t in texts(col)]
+    if (ncols == 2 and sum(t.endswith(":") for t in labels) >= 0.8 * len(labels)) or \
+            sum(bool(KEY_VALUE.fullmatch(t)) for t in every) >= 0.8 * len(every):
+        lines = [join_lines([cell_text(glyph_lines, c.bbox) for c in row if c]) for row in grid.placements]
+        _rejected("key: value lines", rows[start])
+        return Block("lines", box, markdown="\n\n".join(t for t in lines if t))
+    # a list: a column of bullets or numbers before the items, or items starting with one
+    if sum(bool(LIST_LABEL.fullmatch(t)) for t in labels) >= 0.8 * len(labels) or any(
+            sum(" " in t and bool(LIST_LABEL.fullmatch(t.split(" ", 1)[0])) for t in texts(col))
+            >= 0.8 * len(texts(col)) for col in range(ncols)):
+        return _rejected("list", rows[start])
+    # numbered displays: equation numbers "(N)" after formulas
+    if all(EQUATION_NUMBER.fullmatch(t) for t in texts(ncols - 1)) and any("=" in t for t in every):
+        return _rejected("numbered displays", rows[start])
+    # prose: columns of sentences (lines of many words, or of several words that fill their column)
+    widths = {col: max(e[1] for line in cells if col in line for e, _ in line[col])
+              - min(e[0] for line in cells if col in line for e, _ in line[col]) for col in range(ncols)}
+    prose = 0
+    for col in range(ncols):
+        if col in numeric:
+            continue
+        lines = [(t, max(e[1] for e, _ in line[col]) - min(e[0] for e, _ in line[col]))
+                 for line in cells if col in line for t in [" ".join(x for _, x in line[col])]]
+        words = [len(t.split()) for t, _ in lines]
+        full = sum(w >= 0.8 * widths[col] for _, w in lines)
+        if sum(n >= PROSE_WORDS for n in words) >= len(words) / 2 or (
+                statistics.mean(words) >= 3 and full >= 0.6 * len(lines)):
+            prose += 1
+    if 2 * prose >= ncols:
+        return _rejected("prose columns", rows[start])
+    # a page set in two columns: two wide columns of similar width whose lines fill them
+    if ncols == 2 and not numeric and min(widths.values()) >= TEXT_COLUMN_SHARE * text_width and \
+            min(widths.values()) >= 0.6 * max(widths.values()):
+        fills = [statistics.median(max(e[1] for e, _ in line[col]) - min(e[0] for e, _ in line[col])
+                                   for line in cells if col in line) for col in range(2)]
+        if all(f >= 0.6 * widths[col] for col, f in enumerate(fills)):
+            return _rejected("two text columns", rows[start])
+    # without numbers and without a header set apart (bold, or spanning), the shape alone is weak evidence:
+    header = bool(headers) or (body[0].bold and not any(body[g[0]].bold for g in groups[1:]))
+    if not numeric and not header:
+        # lines of a paragraph run on right above and right below, at the rows' pitch, across the gutters
+        # (stretched word spaces lined up in a justified paragraph)
+        step = pitch or statistics.median(b.base - a.base for a, b in zip(body, body[1:]))
+        around = [rows[first - 1] if first > 0 else None, rows[last + 1] if last + 1 < len(rows) else None]
+        if all(r is not None and len(r.segments) == 1 and abs(r.size - size) <= 0.2 * size
+               and any(r.extents[0][0] < a and r.extents[0][1] > b for a, b in gutters) for r in around) and \
+                abs(rows[first].base - around[0].base - step) <= 0.15 * step and \
+                abs(around[1].base - rows[last].base - step) <= 0.15 * step:
+            return _rejected("inside a paragraph", rows[start])
+        # one more row than MIN_ROWS, and some cell of more than one word (single words in a grid are
+        # what a justified line with very wide spaces cuts into)
+        if len(main) < MIN_ROWS + 1 or all(len(t.split()) < 2 for t in every):
+            return _rejected("weak evidence", rows[start])
+    return Block("table", box, markdown=table_markdown(grid, glyph_lines))
+
+
+@dataclass
+class _Cell:
+    bbox: tuple
+    rowspan: int = 1
+    colspan: int = 1
+
+
+@dataclass
+class _Grid:
+    """A table without rules in the shape table_markdown reads from PyMuPDF's tables."""
+    bbox: tuple
+    placements: list[list[_Cell | None]]
+
+
+def _grid(headers, groups: list[list[_Row]], mids, box) -> _Grid:
+    """Cell boxes: columns split at the gutters' middles, rows at the middles between one row's last line
+    and the next row's first (a wrapped cell is one box over its lines); header cells span their columns."""
+    xs = [box[0]] + list(mids) + [box[2]]
+    lines = [[h] for h, _ in headers] + groups
+    ys = [box[1]] + [(a[-1].mid + b[0].mid) / 2 for a, b in zip(lines, lines[1:])] + [box[3]]
+    placements = []
+    for r, (_, spans) in enumerate(headers):
+        row: list[_Cell | None] = [None] * (len(mids) + 1)
+        for a, b in spans:
+            row[a] = _Cell((xs[a], ys[r], xs[b + 1], ys[r + 1]), colspan=b - a + 1)
+        for c in range(len(row)):
+            if row[c] is None and not any(a <= c <= b for a, b in spans):
+                row[c] = _Cell((xs[c], ys[r], xs[c + 1], ys[r + 1]))
+        placements.append(row)
+    for r in range(len(headers), len(lines)):
+        placements.append([_Cell((xs[c], ys[r], xs[c + 1], ys[r + 1])) for c in range(len(mids) + 1)])
+    return _Grid(box, placements)
 
 
 # ---------------------------------------------------------------- blocks to Markdown
@@ -612,6 +996,7 @@ def _baseline(run: list[Glyph]) -> float:
 def page_blocks(page: pymupdf.Page, glyph_lines: list[list[Glyph]]) -> list[Block]:
     tables = page_tables(page, glyph_lines)
     blocks = [Block("table", tuple(t.bbox), markdown=table_markdown(t, glyph_lines)) for t in tables]
+    blocks += unruled_blocks(glyph_lines, [b.box for b in blocks])
     boxes = [b.box for b in blocks]
     runs = []
     for glyphs in glyph_lines:
@@ -644,7 +1029,7 @@ def blocks_markdown(blocks: list[Block]) -> str:
             run.extend(b.lines)
             continue
         flush()
-        if b.kind == "table":
+        if b.kind in ("table", "lines"):
             parts.append(b.markdown)
     flush()
     return "\n\n".join(p for p in parts if p.strip())
