@@ -143,3 +143,17 @@ def test_output_folders_never_hold_the_users_pdfs():
         with pytest.raises(ParamsError, match=r"data\.\w+_dir .* holds data\.\w+_dir"):
             validate_params({"data": data})
     validate_params({"data": {"pdf_dir": "data/x", "pages_dir": "data/x/pages"}})
+
+
+def test_the_ray_engine_without_ray_installed_says_how_to_get_it(tmp_path):
+    """`runtime.engine: ray` where Ray is not installed: one line naming the extra, not an import traceback."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['ray'] = None\n"  # as if not installed
+            "from ocr_finetune.engines import transcriber\n"
+            "from ocr_finetune.params import validate_params\n"
+            "try:\n    transcriber(validate_params({'runtime': {'engine': 'ray'}}))\n"
+            "except ValueError as e:\n    print('ERROR', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "ERROR runtime.engine ray needs ray, which is not installed: pip install 'ocr-finetune[ray]'" in r.stdout, r.stderr

@@ -15,9 +15,19 @@ ENGINES = {
 }
 
 
+# what each engine needs beyond the base install, for the error when it is missing
+EXTRAS = {"ray": ("ray", "pip install 'ocr-finetune[ray]'")}
+
+
 def _engine_class(name: str):
     module, cls = ENGINES[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError as e:
+        package, install = EXTRAS.get(name, (None, None))
+        if package is None or (e.name or "").split(".")[0] != package:
+            raise
+        raise ValueError(f"runtime.engine {name} needs {package}, which is not installed: {install}") from None
 
 
 def transcriber(params, adapter_dir=None, device: str = "auto"):

@@ -187,8 +187,8 @@ class RayTranscriber:
         gpus = _cluster_gpus()
         per_actor = self.runtime.gpus_per_actor if device != "cpu" else 0.0
         if device == "cuda" and (not gpus or not per_actor):
-            raise RuntimeError(f"device cuda, but the Ray cluster has {gpus} GPUs and runtime.gpus_per_actor is "
-                               f"{self.runtime.gpus_per_actor}")
+            raise ValueError(f"device cuda, but the Ray cluster has {gpus} GPUs and runtime.gpus_per_actor is "
+                             f"{self.runtime.gpus_per_actor}")
         if not gpus:
             per_actor = 0.0  # a cluster of CPUs: the actors decode there
         self.gpus_per_actor = per_actor
@@ -257,7 +257,8 @@ class RayTranscriber:
             if not items:
                 return
             rows = [{"i": i, "item": pickle.dumps(x)} for i, x in enumerate(items)]
-            ds = ray.data.from_items(rows).map(_apply, fn_kwargs={"fn": fn}, num_cpus=runtime.cpus_per_task)
+            cpus = min(runtime.cpus_per_task, ray.cluster_resources().get("CPU", 1))  # more would never schedule
+            ds = ray.data.from_items(rows).map(_apply, fn_kwargs={"fn": fn}, num_cpus=cpus)
             for row in ds.iter_rows():
                 yield row["i"], pickle.loads(row["result"])
         return map_pages
