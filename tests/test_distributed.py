@@ -144,7 +144,6 @@ def test_relaunch_starts_torchrun_for_one_gpu_per_node_on_several_nodes(monkeypa
     assert "--nnodes=2" in capsys.readouterr().out
 
     distributed.relaunch(validate_params({}).train, ["x.py"])  # one process on one node: no launcher
-    distributed.relaunch(1, ["x.py"])  # the old signature: a process count
     assert len(calls) == 1
     monkeypatch.setenv("WORLD_SIZE", "2")  # already under torchrun: nothing to start
     distributed.relaunch(train, ["x.py"])

@@ -241,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
 
+    def with_engine(p):
+        p.add_argument("--engine", choices=["local", "ray"],
+                       help="where pages are transcribed: this process (local) or a Ray cluster (ray; joins "
+                            "$RAY_ADDRESS or runtime.ray_address, else starts one here). Default: runtime.engine")
+
     def with_params(p):
         p.add_argument("--params", default=DEFAULT_PARAMS,
                        help="params file (default: params.yaml; built-in defaults where there is none)")
@@ -281,9 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "teacher.local.max_new_tokens / teacher.api.max_tokens)")
     p.add_argument("--batch-size", type=_positive_int,
                    help="pages decoded together by the local model (GPU throughput grows up to 64-128)")
-    p.add_argument("--engine", choices=["local", "ray"],
-                   help="where pages are transcribed: this process (local) or a Ray cluster (ray; joins "
-                        "$RAY_ADDRESS or runtime.ray_address, else starts one here). Default: runtime.engine")
+    with_engine(p)
     p.set_defaults(func=cmd_infer)
 
     p = with_params(sub.add_parser("train", help="LoRA fine-tune on a JSONL dataset"))
@@ -311,9 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seen", metavar="JSONL",
                    help="the adapter's training set: up to evaluate.seen_pages of its pages are scored apart, "
                         "to show what it learned beside the held-out scores")
-    p.add_argument("--engine", choices=["local", "ray"],
-                   help="where pages are transcribed: this process (local) or a Ray cluster (ray; joins "
-                        "$RAY_ADDRESS or runtime.ray_address, else starts one here). Default: runtime.engine")
+    with_engine(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = with_params(sub.add_parser("inspect", help="LoRA targets and trainable parameters per mode"))

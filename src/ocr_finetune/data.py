@@ -240,7 +240,8 @@ def _bookkeeping(x: Encoded) -> Encoded:
 def pad_batch(items: list[Encoded], pad_id: int, family, left: bool = False, pin: bool = False) -> dict:
     """Pad a list of Encoded examples into one batch (on the right, or on the left so that every example's
     target ends at the last position). Image inputs: pixels when no example has features; otherwise
-    `image_features` per example (None where not yet computed) and `missing_pixels`, the pixels of those."""
+    `image_features` per example (None where not yet computed) and `missing_pixels`, the pixels of those, one
+    page each: their features go to the feature cache, computed with the page alone (train.fill_image_features)."""
     width = max(len(x.input_ids) for x in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), width), -100, dtype=torch.long)
@@ -255,7 +256,7 @@ def pad_batch(items: list[Encoded], pad_id: int, family, left: bool = False, pin
     missing = [x.pixel for x in items if x.features is None]
     batch["image_features"] = [x.features for x in items]
     if missing:
-        batch["missing_pixels"] = family.collate_pixels(missing, pin)
+        batch["missing_pixels"] = [family.collate_pixels([pixel], pin) for pixel in missing]
     return batch
 
 

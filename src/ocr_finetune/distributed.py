@@ -143,12 +143,8 @@ def relaunch(train, target: list[str]) -> None:
     """When training needs several processes (`train.num_gpus` > 1 or `train.nodes.nnodes` > 1) and no launcher
     started us, run `torchrun_command(train, target)` and exit with its status.
 
-    `train` is the TrainParams section (a bare process count, the old signature, means one node).
+    `train` is the TrainParams section.
     """
-    if isinstance(train, int):
-        from .params import TrainParams
-
-        train = TrainParams(num_gpus=train, batch_size=train)
     num_gpus = train.num_gpus
     if num_gpus * train.nodes.nnodes <= 1 or under_launcher():
         return

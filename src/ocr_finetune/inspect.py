@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .loading import checkpoint_path
 from .lora import attach_lora_from_params, lora_modules, trainable_parameters
 from .models import get_family
 from .params import Params
@@ -11,8 +12,7 @@ from .params import Params
 
 def lora_summary(params: Params, mode: str) -> dict:
     family = get_family(params.model.family)
-    path = family.checkpoint_dir(params.model.base, params.model.cache_dir, params.model.allow_download)
-    model = family.load_model(path, torch.float32, "cpu")
+    model = family.load_model(checkpoint_path(params), torch.float32, "cpu")
     total = sum(p.numel() for p in model.parameters())
     lora = params.lora.model_copy(update={"mode": mode, "experts": params.lora.experts and mode != "vision"})
     peft_model = attach_lora_from_params(model, family, lora)

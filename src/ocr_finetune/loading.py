@@ -18,7 +18,7 @@ def load_base(params: Params, device: str, dtype: torch.dtype):
     """The family module, the base model on `device` with the speed settings of `params.model`, its processor
     at `params.model.resolution`, and the checkpoint folder it came from."""
     family = get_family(params.model.family)
-    path = family.checkpoint_dir(params.model.base, params.model.cache_dir, params.model.allow_download)
+    path = checkpoint_path(params)
     extra = quantization(dtype, device) if params.model.load_in_4bit else {}
     model = family.load_model(path, dtype, device, **extra)
     # on CUDA only: on the CPU the longer heads cost more than the bias they replace (tiny model, 8 gundam
@@ -29,6 +29,12 @@ def load_base(params: Params, device: str, dtype: torch.dtype):
         use_adaptive_experts(model)
     family.chunk_vision_tower(model, params.model.vision_batch)
     return family, model, load_processor(params, path), path
+
+
+def checkpoint_path(params: Params) -> Path:
+    """The folder of `params.model.base` (downloaded into model.cache_dir on first use, where allowed)."""
+    m = params.model
+    return get_family(m.family).checkpoint_dir(m.base, m.cache_dir, m.allow_download)
 
 
 def load_processor(params: Params, path: str | Path):

@@ -427,31 +427,14 @@ def fill_image_features(model, tensors: dict, pages: list, writes: FeatureWrites
     page twice in one batch is computed once."""
     features = tensors["image_features"]
     missing = [j for j, f in enumerate(features) if f is None]
-    pixels = tensors.pop("missing_pixels", None)
     computed: dict = {}  # cache key -> features
-    for j, page_pixels in zip(missing, split_pixels(pixels, len(missing)) if missing else []):
+    for j, page_pixels in zip(missing, tensors.pop("missing_pixels", None) or []):
         key = pages[j].cache_key
         if key not in computed:
             computed[key] = image_features(model, page_pixels)[0]
             writes.put(key, computed[key], pages[j].image_tokens)
         features[j] = computed[key]
     return len(features) - len(missing), len(missing)
-
-
-def split_pixels(pixels: dict, n: int) -> list[dict]:
-    """Collated image inputs of n pages (`collate_pixels`) back into n inputs of one page each: a global view
-    per page, its `num_local_patches` tiles, and one entry per page of the list views."""
-    counts = list(pixels.get("num_local_patches") or [0] * n)
-    if len(pixels["pixel_values"]) != n or len(counts) != n:
-        raise ValueError(f"{len(pixels['pixel_values'])} global views and {len(counts)} tile counts for {n} pages")
-    starts = [sum(counts[:j]) for j in range(n)]
-    out = []
-    for j in range(n):
-        page = {key: value[j:j + 1] for key, value in pixels.items() if key != "pixel_values_local"}
-        if counts[j]:
-            page["pixel_values_local"] = pixels["pixel_values_local"][starts[j]:starts[j] + counts[j]]
-        out.append(page)
-    return out
 
 
 def save(run: Run, stats: LoopStats, metrics_dir: str | Path | None) -> TrainResult:

@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import PromptPages, batch_plan, prepare_batch
+from ..loading import adapter_params
 from ..params import Params, RuntimeParams
 from ..runtime import pick_dtype
 from ..teachers.cache import Answers, LabelCache
@@ -57,7 +58,7 @@ def connect(runtime: RuntimeParams) -> None:
 class ModelSpec:
     """What a worker needs to build the processor or the model: sent to every task and actor."""
 
-    params: Params
+    params: Params  # with the family, base and resolution the adapter was trained with (adapter_params)
     adapter_dir: str | None
     device: str  # of the actors: cuda or cpu
     # CPU decoding: the driver's intra-op thread count. Ray gives an actor as many threads as it has CPUs,
@@ -74,16 +75,13 @@ _processors: dict = {}  # per worker process: a task's processor is loaded once,
 
 
 def _prompt_pages(spec: ModelSpec, prompt: str, paths: list[str]) -> PromptPages:
-    from ..loading import adapter_params, load_processor
+    from ..loading import checkpoint_path, load_processor
     from ..models import get_family
 
-    params = adapter_params(spec.params, spec.adapter_dir) if spec.adapter_dir else spec.params
-    m = params.model
+    m = spec.params.model
     key = (m.family, m.base, m.resolution, m.cache_dir)
     if key not in _processors:
-        family = get_family(m.family)
-        path = family.checkpoint_dir(m.base, m.cache_dir, m.allow_download)
-        _processors[key] = (family, load_processor(params, path))
+        _processors[key] = (get_family(m.family), load_processor(spec.params, checkpoint_path(spec.params)))
     family, processor = _processors[key]
     return PromptPages(paths, family, processor, prompt, spec.dtype)
 
@@ -196,6 +194,8 @@ class RayTranscriber:
             self.actors = max(1, int(gpus // per_actor)) if per_actor else 1
         else:
             self.actors = self.runtime.actors
+        if adapter_dir is not None:
+            params = adapter_params(params, adapter_dir)  # here, once: not in every task and actor
         self.spec = ModelSpec(params, str(adapter_dir) if adapter_dir is not None else None,
                               "cuda" if per_actor else "cpu", torch.get_num_threads())
         # what the actors leave of the cluster's CPUs: a task asking for more would wait forever
